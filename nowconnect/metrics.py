@@ -11,8 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# The `_created` series double the exposition and no runbook or alert uses them.
+disable_created_metrics()
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 

@@ -209,7 +209,7 @@ class Mux:
         if stream is None or self._closed:
             return False
         self._locals[stream_id] = local
-        stream.connected()
+        stream.connected(self._clock.seconds())
         self._emit_frame(wire.Connected(stream_id))
         self._observer.stream_connected(stream)
         early, stream.early_data = stream.early_data, []
@@ -360,7 +360,7 @@ class Mux:
             return
         if stream.phase is not Phase.CONNECTING:
             raise ProtocolError(f"second CONNECTED for stream {frame.stream_id}")
-        stream.connected()
+        stream.connected(self._clock.seconds())
         self._observer.stream_connected(stream)
 
     def _on_data(self, frame: wire.Data) -> None:

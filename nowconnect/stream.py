@@ -68,6 +68,7 @@ class Stream:
     sent_bytes: int = 0
     received_bytes: int = 0
     last_activity: float = 0.0
+    connected_at: float | None = None
 
     def __attrs_post_init__(self) -> None:
         self.send_credit = self.window
@@ -166,8 +167,9 @@ class Stream:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def connected(self) -> None:
+    def connected(self, now: float) -> None:
         self.phase = Phase.ESTABLISHED
+        self.connected_at = now
 
     def is_finished(self) -> bool:
         """Both directions are done: the stream ends cleanly."""

@@ -1,0 +1,114 @@
+"""
+Listening and dialling: a listener service that fails start-up when its port cannot be bound
+and reports the real port, and the client endpoint for a hub URL.
+"""
+# -*- test-case-name: tests.test_endpoints -*-
+
+from __future__ import annotations
+
+from typing import Callable
+from urllib.parse import urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.python.failure import Failure
+
+
+class ListenFailed(Exception):
+    """A listener could not be started; the message says which and why."""
+
+
+def tcp_endpoint_string(bind: str, port: int) -> str:
+    """A Twisted endpoint string for a TCP listener, IPv6 literals escaped."""
+    return f"tcp:port={port}:interface={bind.replace(':', chr(92) + ':')}"
+
+
+class ListenerService(Service):
+    """
+    Listens on an endpoint while running.  A failure to listen is raised from
+    C{privilegedStartService}, so twistd stops before serving anything; C{on_listening} gets
+    the bound port (so port 0 in tests is reported as the real one).
+    """
+
+    def __init__(
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        on_listening: Callable[[IListeningPort], object] | None = None,
+    ) -> None:
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._on_listening = on_listening
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        outcome: list[object] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise ListenFailed(f"{self.description}: endpoint did not listen synchronously")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            raise ListenFailed(f"{self.description}: {result.getErrorMessage()}")
+        self.port = result  # type: ignore[assignment]
+        if self._on_listening is not None:
+            self._on_listening(self.port)  # type: ignore[arg-type]
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        Service.startService(self)
+
+    def stop_accepting(self) -> Deferred[None]:
+        """Close the listening socket; open connections are untouched."""
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return self.stop_accepting()
+
+
+def listen_service(
+    reactor: object,
+    description: str,
+    endpoint_string: str,
+    factory: IProtocolFactory,
+    on_listening: Callable[[IListeningPort], object] | None = None,
+) -> ListenerService:
+    """A L{ListenerService} from a Twisted endpoint string; a bad string raises ValueError."""
+    endpoint = serverFromString(reactor, endpoint_string)
+    return ListenerService(description, endpoint, factory, on_listening)
+
+
+def hub_client_endpoint(
+    reactor: object,
+    hub_url: str,
+    tls_options: object | None = None,
+    timeout: float = 30,
+) -> IStreamClientEndpoint:
+    """
+    The endpoint that reaches the hub of C{hub_url}: TCP for ws://, TLS over TCP for wss://
+    (C{tls_options} from L{nowconnect.tls}).
+    """
+    parts = urlsplit(hub_url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if secure:
+        if tls_options is None:
+            raise ValueError("wss:// needs TLS options")
+        endpoint = wrapClientTLS(tls_options, endpoint)
+    return endpoint

@@ -1,0 +1,377 @@
+"""
+The hub: agent registry, connector listeners with their CIDR policy, and the service that
+assembles them with the web port.
+"""
+# -*- test-case-name: tests.test_hub -*-
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.websocket.types import ConnectionDeny
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from nowconnect import logs, wire
+from nowconnect.config import AgentAuth, HubConfig, ListenerConfig
+from nowconnect.endpoints import ListenerService, listen_service, tcp_endpoint_string
+from nowconnect.metrics import Metrics
+from nowconnect.relay import StreamRelay
+from nowconnect.observer import StreamObserver
+from nowconnect.stream import Phase
+from nowconnect.tunnel import HubTunnelFactory, HubTunnelProtocol, Rejected
+from nowconnect.web import WebApp
+
+_log = Logger(namespace="nowconnect.hub")
+
+
+class Registry:
+    """
+    Connector -> the live tunnels serving it.  Several tunnels per connector (several agents,
+    or one agent id connected twice) are normal; new streams go to the least-loaded one.
+    """
+
+    def __init__(self, metrics: Metrics, max_streams: int) -> None:
+        self._metrics = metrics
+        self._max_streams = max_streams
+        self._by_connector: dict[str, list[HubTunnelProtocol]] = {}
+
+    def add(self, tunnel: HubTunnelProtocol, connectors: tuple[str, ...]) -> None:
+        for connector in connectors:
+            self._by_connector.setdefault(connector, []).append(tunnel)
+            self._metrics.child(self._metrics.agents_connected, connector).inc()
+
+    def remove(self, tunnel: HubTunnelProtocol, connectors: tuple[str, ...]) -> None:
+        for connector in connectors:
+            tunnels = self._by_connector.get(connector, [])
+            if tunnel in tunnels:
+                tunnels.remove(tunnel)
+                self._metrics.child(self._metrics.agents_connected, connector).dec()
+
+    def tunnels(self, connector: str) -> list[HubTunnelProtocol]:
+        return list(self._by_connector.get(connector, ()))
+
+    def all_tunnels(self) -> list[HubTunnelProtocol]:
+        seen: dict[int, HubTunnelProtocol] = {}
+        for tunnels in self._by_connector.values():
+            for t in tunnels:
+                seen[id(t)] = t
+        return list(seen.values())
+
+    def pick(self, connector: str) -> tuple[HubTunnelProtocol | None, bool]:
+        """
+        The least-loaded tunnel for C{connector}, and whether any tunnel exists at all
+        (False means "no agent"; (None, True) means every tunnel is at its stream limit).
+        """
+        best: HubTunnelProtocol | None = None
+        best_load = 0
+        tunnels = self._by_connector.get(connector)
+        if not tunnels:
+            return None, False
+        for tunnel in tunnels:
+            mux = tunnel.mux
+            if mux is None:
+                continue
+            load = mux.stream_count()
+            if load >= self._max_streams:
+                continue
+            if best is None or load < best_load:
+                best, best_load = tunnel, load
+        return best, True
+
+
+class ClientRelay(StreamRelay):
+    """A client of a hub listener: policy checks, then one stream on the chosen tunnel."""
+
+    factory: ClientFactory
+    _open_timer: Any = None
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        hub, listener = f.hub, f.listener
+        peer = self.transport.getPeer()
+        client = f"{peer.host}:{peer.port}"
+        connector = listener.connector
+        m = hub.metrics
+        if not hub.client_allowed(listener, peer.host):
+            m.child(m.open_failures, connector, "cidr_blocked").inc()
+            logs.emit(_log, "warn", logs.CIDR_BLOCKED, "connector={connector} client={client}",
+                      connector=connector, client=client)
+            self.transport.abortConnection()
+            return
+        if f.active >= listener.max_connections:
+            m.child(m.open_failures, connector, "limit").inc()
+            m.child(m.limit_hits, "listener_connections").inc()
+            logs.emit(_log, "warn", logs.LIMIT_REACHED,
+                      "limit={limit} connector={connector} client={client}",
+                      limit="listener_connections", connector=connector, client=client)
+            self.transport.abortConnection()
+            return
+        tunnel, any_agent = hub.registry.pick(connector)
+        if tunnel is None or tunnel.mux is None:
+            reason = "limit" if any_agent else "no_agent"
+            m.child(m.open_failures, connector, reason).inc()
+            if any_agent:
+                m.child(m.limit_hits, "streams_per_tunnel").inc()
+                logs.emit(_log, "warn", logs.LIMIT_REACHED,
+                          "limit={limit} connector={connector} client={client}",
+                          limit="streams_per_tunnel", connector=connector, client=client)
+            else:
+                logs.emit(_log, "warn", logs.NO_AGENT_FOR_CONNECTOR,
+                          "connector={connector} client={client}",
+                          connector=connector, client=client)
+            self.transport.abortConnection()
+            return
+        f.active += 1
+        self._counted = True
+        StreamRelay.connectionMade(self)
+        mux = tunnel.mux
+        self.bind(mux, mux.open_stream(connector, client, self))
+        self._open_timer = hub.clock.callLater(hub.config.limits.open_timeout, self._open_timeout)
+
+    def _open_timeout(self) -> None:
+        self._open_timer = None
+        mux = self.mux
+        if mux is None:
+            return
+        stream = mux.stream(self.stream_id)
+        if stream is not None and stream.phase is Phase.CONNECTING:
+            mux.reset(self.stream_id, wire.ResetCode.open_timeout, "agent did not connect in time")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._open_timer is not None and self._open_timer.active():
+            self._open_timer.cancel()
+        self._open_timer = None
+        if getattr(self, "_counted", False):
+            self.factory.active -= 1
+            self._counted = False
+        if reason is None:
+            StreamRelay.connectionLost(self)
+        else:
+            StreamRelay.connectionLost(self, reason)
+
+
+class ClientFactory(Factory):
+    protocol = ClientRelay
+    noisy = False
+
+    def __init__(self, hub: HubService, listener: ListenerConfig) -> None:
+        self.hub = hub
+        self.listener = listener
+        self.active = 0
+
+
+class HubService(MultiService):
+    """
+    The whole hub: the web port (tunnel, health, metrics) and one listener per configured
+    connector.  Stopping drains: listeners close first, open streams get C{drain_seconds} to
+    finish, the rest are reset, then tunnels close.
+    """
+
+    def __init__(self, config: HubConfig, reactor: Any, metrics: Metrics | None = None) -> None:
+        MultiService.__init__(self)
+        self.config = config
+        self.clock = reactor
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.registry = Registry(self.metrics, config.limits.max_streams_per_tunnel)
+        self.observer = StreamObserver(self.metrics, reactor, _log)
+        self.initial_window = config.limits.initial_window
+        self.max_frame = config.limits.max_frame
+        self.handshake_timeout = config.limits.handshake_timeout
+        self._cidr_cache: OrderedDict[tuple[int, str], bool] = OrderedDict()
+        self.listeners: list[ListenerService] = []
+        self.web_port: IListeningPort | None = None
+        self._tunnel_agents: dict[int, tuple[str, tuple[str, ...]]] = {}
+
+        for connector in config.connectors():
+            self.metrics.declare_connector(connector)
+
+        tunnel_factory = HubTunnelFactory(self, config.limits.ping_interval,
+                                          config.limits.ping_timeout)
+        web = WebApp(
+            self.metrics,
+            unready=self.connectors_without_agent,
+            tunnel=WebSocketResource(tunnel_factory),
+            metrics_allow=config.metrics_allow_cidrs,
+        )
+        self.web = listen_service(reactor, f"listen {config.listen}", config.listen, web.site(),
+                                  self._web_listening)
+        self.web.setServiceParent(self)
+        for index, listener in enumerate(config.listeners):
+            svc = listen_service(
+                reactor,
+                f"listeners[{index}] ({listener.connector} on {listener.bind}:{listener.port})",
+                tcp_endpoint_string(listener.bind, listener.port),
+                ClientFactory(self, listener),
+                lambda port, listener=listener: self._listener_started(listener, port),
+            )
+            svc.setServiceParent(self)
+            self.listeners.append(svc)
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _web_listening(self, port: IListeningPort) -> None:
+        self.web_port = port
+        addr = port.getHost()
+        logs.emit(_log, "info", logs.WEB_STARTED, "listen={listen} host={host} port={port}",
+                  listen=self.config.listen, host=getattr(addr, "host", ""),
+                  port=getattr(addr, "port", 0))
+
+    def _listener_started(self, listener: ListenerConfig, port: IListeningPort) -> None:
+        addr = port.getHost()
+        logs.emit(
+            _log, "info", logs.LISTENER_STARTED,
+            "connector={connector} bind={bind} port={port} allow_cidrs={allow_cidrs}",
+            connector=listener.connector, bind=listener.bind, port=addr.port,
+            allow_cidrs="any" if listener.allow_all else ",".join(str(n) for n in listener.allow_cidrs),
+        )
+
+    # -- policy --------------------------------------------------------------------------------
+
+    def client_allowed(self, listener: ListenerConfig, host: str) -> bool:
+        """CIDR verdict, cached per (listener, address): bounded, since clients repeat."""
+        if listener.allow_all:
+            return True
+        key = (id(listener), host)
+        verdict = self._cidr_cache.get(key)
+        if verdict is None:
+            verdict = listener.allows(host)
+            self._cidr_cache[key] = verdict
+            if len(self._cidr_cache) > 4096:
+                self._cidr_cache.popitem(last=False)
+        return verdict
+
+    def connectors_without_agent(self) -> list[str]:
+        return [c for c in self.config.connectors() if not self.registry.tunnels(c)]
+
+    # -- HubHost (the tunnel protocol's view of the hub) ---------------------------------------
+
+    def authenticate(self, authorization: str | None, peer: str) -> AgentAuth:
+        """
+        The agent whose token the C{Authorization} header carries.  Every configured token is
+        compared, in constant time, so timing says nothing about which one almost matched.
+        """
+        token = ""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                token = value.strip()
+        if not token:
+            self._reject(peer, "", "missing bearer token")
+            raise ConnectionDeny(401, "bearer token required")
+        found: AgentAuth | None = None
+        for agent in self.config.agents:
+            if agent.token_matches(token) and found is None:
+                found = agent
+        if found is None:
+            self._reject(peer, "", "bad token")
+            raise ConnectionDeny(403, "token refused")
+        return found
+
+    def tunnel_ready(self, tunnel: HubTunnelProtocol, hello: wire.Hello) -> None:
+        auth: AgentAuth = tunnel.auth
+        if hello.agent_id != auth.id:
+            raise Rejected(f"agent id {hello.agent_id!r} does not match its token")
+        if hello.protocol != wire.PROTOCOL_VERSION:
+            raise Rejected(f"unsupported protocol version {hello.protocol}")
+        undeclared = sorted(set(hello.connectors) - set(auth.connectors))
+        if undeclared:
+            raise Rejected(f"not authorized for connectors {','.join(undeclared)}")
+        if not hello.connectors:
+            raise Rejected("HELLO declares no connectors")
+        connectors = tuple(dict.fromkeys(c for c in hello.connectors if c in self.config.connectors()))
+        self.registry.add(tunnel, connectors)
+        self._tunnel_agents[id(tunnel)] = (auth.id, connectors)
+        self.metrics.child(self.metrics.tunnel_connects, auth.id).inc()
+        logs.emit(
+            _log, "info", logs.AGENT_CONNECTED,
+            "agent_id={agent_id} connectors={connectors} peer={peer} version={version}",
+            agent_id=auth.id, connectors=list(connectors), peer=tunnel.peer_text,
+            version=hello.version,
+        )
+
+    def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str) -> None:
+        agent_id, connectors = self._tunnel_agents.pop(id(tunnel), ("", ()))
+        self.registry.remove(tunnel, connectors)
+        self.metrics.child(self.metrics.tunnel_disconnects, agent_id, _reason_label(reason)).inc()
+        logs.emit(
+            _log, "info", logs.AGENT_DISCONNECTED,
+            "agent_id={agent_id} connectors={connectors} peer={peer} reason={reason}",
+            agent_id=agent_id, connectors=list(connectors), peer=tunnel.peer_text, reason=reason,
+        )
+
+    def tunnel_rejected(self, peer: str, agent_id: str, reason: str) -> None:
+        self._reject(peer, agent_id, reason)
+
+    def _reject(self, peer: str, agent_id: str, reason: str) -> None:
+        self.metrics.child(self.metrics.agent_rejections, _reason_label(reason)).inc()
+        logs.emit(_log, "warn", logs.AGENT_REJECTED, "peer={peer} agent_id={agent_id} reason={reason}",
+                  peer=peer, agent_id=agent_id, reason=reason)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def active_streams(self) -> int:
+        return sum(t.mux.stream_count() for t in self.registry.all_tunnels() if t.mux is not None)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        self.running = False
+        yield DeferredList([svc.stop_accepting() for svc in self.listeners])
+        drain = self.config.drain_seconds
+        logs.emit(_log, "info", logs.DRAIN_STARTED, "streams={streams} seconds={seconds}",
+                  streams=self.active_streams(), seconds=drain)
+        deadline = self.clock.seconds() + drain
+        while self.active_streams() and self.clock.seconds() < deadline:
+            yield _sleep(self.clock, 0.1)
+        left = self.active_streams()
+        for tunnel in self.registry.all_tunnels():
+            if tunnel.mux is not None:
+                for stream in tunnel.mux.streams():
+                    tunnel.mux.reset(stream.stream_id, wire.ResetCode.shutdown, "hub stopping")
+                tunnel._flush()
+            tunnel.sendClose(1001, "hub stopping")
+        logs.emit(_log, "info", logs.DRAIN_FINISHED, "reset={reset}", reset=left)
+        yield MultiService.stopService(self)
+
+
+def _sleep(clock: Any, seconds: float) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+_REASON_LABELS = (
+    ("token", "bad_token"),
+    ("bearer", "missing_token"),
+    ("subprotocol", "bad_subprotocol"),
+    ("HELLO in time", "handshake_timeout"),
+    ("not authorized", "unauthorized_connector"),
+    ("does not match", "agent_id_mismatch"),
+    ("ping timeout", "ping_timeout"),
+    ("protocol", "protocol_error"),
+)
+
+
+def _reason_label(reason: str) -> str:
+    """Map free-text reasons onto a closed label set."""
+    for needle, label in _REASON_LABELS:
+        if needle in reason:
+            return label
+    if reason in ("hub stopping", "agent stopping"):
+        return "shutdown"
+    return "closed" if reason in ("", "closed") else "other"
+
+
+def make_hub_service(config: HubConfig, reactor: Any = None, metrics: Metrics | None = None) -> HubService:
+    """Assemble a hub from config; C{reactor=None} means the global reactor."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return HubService(config, reactor, metrics)

@@ -1,0 +1,428 @@
+"""
+Thin Autobahn glue: the hub's and the agent's end of one tunnel.
+
+Bytes in go to L{wire.decode_message} and then to the L{mux.Mux}; frames out are collected from
+the mux once per reactor turn and sent as one binary message.  Everything else (who may connect,
+what a stream does) lives in the hub, the agent and the mux.  Every Autobahn callback catches
+its own exceptions, logs them and closes only this tunnel.
+"""
+# -*- test-case-name: tests.test_tunnel -*-
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest, ConnectionResponse
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from nowconnect import __version__, logs, wire
+from nowconnect.mux import AGENT, HUB, Acceptor, Mux, MuxObserver
+
+#: WebSocket close codes (RFC 6455 and the private range).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_REJECTED = 4001
+CLOSE_HANDSHAKE_TIMEOUT = 4002
+
+
+class Rejected(Exception):
+    """The hub refuses this agent's HELLO; the message is the logged and sent reason."""
+
+
+def _common_options(factory: WebSocketServerFactory | WebSocketClientFactory, max_message: int,
+                    ping_interval: float, ping_timeout: float) -> None:
+    # Binary frames only: no compression, no UTF-8 validation, no auto-fragmentation.
+    factory.setProtocolOptions(
+        utf8validateIncoming=False,
+        autoFragmentSize=0,
+        maxFramePayloadSize=max_message,
+        maxMessagePayloadSize=max_message,
+        autoPingInterval=ping_interval,
+        autoPingTimeout=ping_timeout,
+        tcpNoDelay=True,
+        closeHandshakeTimeout=2,
+    )
+
+
+@implementer(IPushProducer)
+class _LinkProducer:
+    """Registered on the tunnel's transport: its write buffer pausing pauses every stream."""
+
+    def __init__(self, mux_of: Callable[[], Mux | None]) -> None:
+        self._mux_of = mux_of
+
+    def pauseProducing(self) -> None:
+        mux = self._mux_of()
+        if mux is not None:
+            mux.link_paused()
+
+    def resumeProducing(self) -> None:
+        mux = self._mux_of()
+        if mux is not None:
+            mux.link_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _TunnelMixin:
+    """What both ends share: batching output per reactor turn and failing one tunnel."""
+
+    _log = Logger()
+    mux: Mux | None = None
+    _flush_call: IDelayedCall | None = None
+    _closing_reason: str = ""
+
+    # Provided by the Autobahn protocol classes.
+    transport: Any
+    sendMessage: Callable[..., None]
+    sendClose: Callable[..., None]
+
+    def _clock(self) -> Any:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        if self._flush_call is None:
+            self._flush_call = self._clock().callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self.mux is None:
+            return
+        for message in self.mux.take_output():
+            self.sendMessage(message, isBinary=True)
+
+    def _register_link_producer(self) -> None:
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        if getattr(transport, "producer", None) is not None:
+            # Twisted Web's HTTPChannel registered itself before Autobahn took the transport.
+            transport.unregisterProducer()
+        transport.registerProducer(_LinkProducer(lambda: self.mux), True)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close this tunnel; its streams are reset when the close completes."""
+        if not self._closing_reason:
+            self._closing_reason = reason
+        self.sendClose(code, reason[:120])
+
+    def _drop_mux(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        mux, self.mux = self.mux, None
+        if mux is not None:
+            mux.close_all()
+
+
+class HubHost(Protocol):
+    """What the hub's tunnel protocol needs from the hub."""
+
+    clock: Any
+    observer: MuxObserver
+    initial_window: int
+    max_frame: int
+    handshake_timeout: float
+
+    def authenticate(self, authorization: str | None, peer: str) -> Any: ...
+
+    def tunnel_ready(self, tunnel: HubTunnelProtocol, hello: wire.Hello) -> None: ...
+
+    def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str) -> None: ...
+
+    def tunnel_rejected(self, peer: str, agent_id: str, reason: str) -> None: ...
+
+
+class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):
+    """The hub's end: authenticates the upgrade, waits for HELLO, then runs the mux."""
+
+    factory: HubTunnelFactory
+    auth: Any = None
+    hello: wire.Hello | None = None
+    peer_text: str = ""
+    _hello_timer: IDelayedCall | None = None
+    _registered = False
+
+    def _clock(self) -> Any:
+        return self.factory.host.clock
+
+    def onConnect(self, request: ConnectionRequest) -> str:
+        self.peer_text = _peer_text(self.transport)
+        if wire.SUBPROTOCOL not in request.protocols:
+            self.factory.host.tunnel_rejected(self.peer_text, "", "missing subprotocol")
+            raise ConnectionDeny(400, f"subprotocol {wire.SUBPROTOCOL} required")
+        try:
+            self.auth = self.factory.host.authenticate(
+                request.headers.get("authorization"), self.peer_text
+            )
+        except ConnectionDeny:
+            raise
+        except Exception:
+            self._log.failure("tunnel_error during authentication", event=logs.TUNNEL_ERROR)
+            raise ConnectionDeny(500, "internal error")
+        return wire.SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        try:
+            self._register_link_producer()
+            host = self.factory.host
+            self._hello_timer = host.clock.callLater(host.handshake_timeout, self._hello_timeout)
+        except Exception:
+            self._log.failure("tunnel_error in onOpen", event=logs.TUNNEL_ERROR)
+            self._fail(CLOSE_INTERNAL, "internal error")
+
+    def _hello_timeout(self) -> None:
+        self._hello_timer = None
+        self.factory.host.tunnel_rejected(self.peer_text, "", "no HELLO in time")
+        self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no HELLO in time")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            if not isBinary:
+                raise wire.ProtocolError("text message on the tunnel")
+            if self.mux is not None:
+                self.mux.receive(wire.decode_message(payload, self.mux.max_frame))
+            elif self.hello is None and not self._closing_reason:
+                self._on_hello(payload)
+        except wire.ProtocolError as e:
+            logs.emit(
+                self._log, "warn", logs.TUNNEL_PROTOCOL_ERROR,
+                "agent={agent} peer={peer} reason={reason}",
+                agent=self.hello.agent_id if self.hello else "", peer=self.peer_text,
+                reason=str(e),
+            )
+            self._fail(CLOSE_PROTOCOL_ERROR, str(e))
+        except Exception:
+            self._log.failure("tunnel_error in onMessage", event=logs.TUNNEL_ERROR)
+            self._fail(CLOSE_INTERNAL, "internal error")
+
+    def _on_hello(self, payload: bytes) -> None:
+        host = self.factory.host
+        frames = wire.decode_message(payload, wire.MAX_CONTROL_PAYLOAD)
+        if len(frames) != 1 or not isinstance(frames[0], wire.Hello):
+            raise wire.ProtocolError("first message must be a single HELLO")
+        hello = frames[0]
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self._hello_timer = None
+        try:
+            self.hello = hello
+            self.mux = Mux(
+                HUB,
+                window=host.initial_window,
+                max_frame=host.max_frame,
+                clock=host.clock,
+                wake=self._wake,
+                observer=host.observer,
+            )
+            self.sendMessage(
+                wire.encode(wire.Welcome(host.initial_window, host.max_frame)), isBinary=True
+            )
+            host.tunnel_ready(self, hello)
+            self._registered = True
+        except Rejected as e:
+            self.mux = None
+            host.tunnel_rejected(self.peer_text, hello.agent_id, str(e))
+            self._fail(CLOSE_REJECTED, str(e))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            if self._hello_timer is not None and self._hello_timer.active():
+                self._hello_timer.cancel()
+            self._hello_timer = None
+            self._drop_mux()
+            if self._registered:
+                self._registered = False
+                why = self._closing_reason or reason or getattr(self, "wasNotCleanReason", "")
+                self.factory.host.tunnel_closed(self, why or "closed")
+        except Exception:
+            self._log.failure("tunnel_error in onClose", event=logs.TUNNEL_ERROR)
+
+
+class HubTunnelFactory(WebSocketServerFactory):
+    protocol = HubTunnelProtocol
+    noisy = False
+
+    def __init__(self, host: HubHost, ping_interval: float, ping_timeout: float) -> None:
+        WebSocketServerFactory.__init__(self, protocols=[wire.SUBPROTOCOL],
+                                        server=f"NowConnect/{__version__}")
+        self.host = host
+        _common_options(self, 2 * (4 * 1024 * 1024 + host.max_frame), ping_interval,
+                        ping_timeout)
+        self.setProtocolOptions(openHandshakeTimeout=host.handshake_timeout,
+                                requireMaskedClientFrames=True)
+
+
+class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):
+    """
+    The agent's end: sends HELLO, waits for WELCOME, then runs the mux.  L{when_ready} fires
+    once the hub has welcomed us (ClientService's prepareConnection), or fails if the tunnel
+    closes first.
+    """
+
+    factory: AgentTunnelFactory
+    _welcome_timer: IDelayedCall | None = None
+
+    def __init__(self) -> None:
+        WebSocketClientProtocol.__init__(self)
+        self._ready: Deferred[AgentTunnelProtocol] = Deferred()
+        self._closed: Deferred[None] = Deferred()
+        self._is_ready = False
+
+    def _clock(self) -> Any:
+        return self.factory.clock
+
+    def when_ready(self) -> Deferred[AgentTunnelProtocol]:
+        return self._ready
+
+    def when_closed(self) -> Deferred[None]:
+        return self._closed
+
+    def close(self, reason: str = "agent stopping") -> None:
+        self._fail(CLOSE_GOING_AWAY, reason)
+
+    def onConnect(self, response: ConnectionResponse) -> None:
+        if response.protocol != wire.SUBPROTOCOL:
+            raise Exception(f"hub did not accept subprotocol {wire.SUBPROTOCOL}")
+
+    def onOpen(self) -> None:
+        try:
+            self._register_link_producer()
+            f = self.factory
+            hello = wire.Hello(f.agent_id, f.connectors, __version__)
+            self.sendMessage(wire.encode(hello), isBinary=True)
+            self._welcome_timer = f.clock.callLater(f.handshake_timeout, self._welcome_timeout)
+        except Exception:
+            self._log.failure("tunnel_error in onOpen", event=logs.TUNNEL_ERROR)
+            self._fail(CLOSE_INTERNAL, "internal error")
+
+    def _welcome_timeout(self) -> None:
+        self._welcome_timer = None
+        self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no WELCOME in time")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            if not isBinary:
+                raise wire.ProtocolError("text message on the tunnel")
+            if self.mux is not None:
+                self.mux.receive(wire.decode_message(payload, self.mux.max_frame))
+            elif not self._is_ready and not self._closing_reason:
+                self._on_welcome(payload)
+        except wire.ProtocolError as e:
+            logs.emit(self._log, "warn", logs.TUNNEL_PROTOCOL_ERROR, "hub={hub} reason={reason}",
+                      hub=self.factory.url, reason=str(e))
+            self._fail(CLOSE_PROTOCOL_ERROR, str(e))
+        except Exception:
+            self._log.failure("tunnel_error in onMessage", event=logs.TUNNEL_ERROR)
+            self._fail(CLOSE_INTERNAL, "internal error")
+
+    def _on_welcome(self, payload: bytes) -> None:
+        frames = wire.decode_message(payload, wire.MAX_CONTROL_PAYLOAD)
+        if len(frames) != 1 or not isinstance(frames[0], wire.Welcome):
+            raise wire.ProtocolError("first message from the hub must be a single WELCOME")
+        welcome = frames[0]
+        if self._welcome_timer is not None and self._welcome_timer.active():
+            self._welcome_timer.cancel()
+        self._welcome_timer = None
+        f = self.factory
+        self.mux = Mux(
+            AGENT,
+            window=welcome.initial_window,
+            max_frame=welcome.max_frame,
+            clock=f.clock,
+            wake=self._wake,
+            observer=f.observer,
+            acceptor=f.acceptor_for(self),
+            connectors=frozenset(f.connectors),
+        )
+        self._is_ready = True
+        self._ready.callback(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        try:
+            if self._welcome_timer is not None and self._welcome_timer.active():
+                self._welcome_timer.cancel()
+            self._welcome_timer = None
+            self._drop_mux()
+            why = self._closing_reason or reason or getattr(self, "wasNotCleanReason", "") or ""
+            if not self._is_ready:
+                self._ready.errback(ConnectionError(f"tunnel closed before WELCOME: {why}"))
+                self._ready.addErrback(lambda f: None)
+            self.factory.tunnel_closed(self, why or "closed", self._is_ready)
+            self._closed.callback(None)
+        except Exception:
+            self._log.failure("tunnel_error in onClose", event=logs.TUNNEL_ERROR)
+
+
+class AgentHost(Protocol):
+    def tunnel_closed(self, tunnel: AgentTunnelProtocol, reason: str, was_ready: bool) -> None:
+        ...
+
+    def acceptor_for(self, tunnel: AgentTunnelProtocol) -> Acceptor: ...
+
+
+class AgentTunnelFactory(WebSocketClientFactory):
+    protocol = AgentTunnelProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        agent_id: str,
+        connectors: tuple[str, ...],
+        *,
+        clock: Any,
+        observer: MuxObserver,
+        host: AgentHost,
+        handshake_timeout: float = 10.0,
+        ping_interval: float = 15.0,
+        ping_timeout: float = 45.0,
+        mask_frames: bool = True,
+    ) -> None:
+        WebSocketClientFactory.__init__(
+            self,
+            url,
+            protocols=[wire.SUBPROTOCOL],
+            headers={"Authorization": f"Bearer {token}"},
+            useragent=f"NowConnect-agent/{__version__}",
+        )
+        self.agent_id = agent_id
+        self.connectors = connectors
+        self.clock = clock
+        self.observer = observer
+        self.handshake_timeout = handshake_timeout
+        self._host = host
+        _common_options(self, 64 * 1024 * 1024, ping_interval, ping_timeout)
+        self.setProtocolOptions(openHandshakeTimeout=handshake_timeout, maskClientFrames=mask_frames)
+
+    def __repr__(self) -> str:
+        # Autobahn's default repr would include the headers, and so the token.
+        return f"<AgentTunnelFactory {self.url} agent={self.agent_id}>"
+
+    def acceptor_for(self, tunnel: AgentTunnelProtocol) -> Acceptor:
+        return self._host.acceptor_for(tunnel)
+
+    def tunnel_closed(self, tunnel: AgentTunnelProtocol, reason: str, was_ready: bool) -> None:
+        self._host.tunnel_closed(tunnel, reason, was_ready)
+
+
+def _peer_text(transport: Any) -> str:
+    try:
+        peer = transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "unknown"
