@@ -25,7 +25,6 @@ from twisted.logger import (
 
 # Hub
 LISTENER_STARTED = "listener_started"
-LISTENER_STOPPED = "listener_stopped"
 WEB_STARTED = "web_started"
 AGENT_CONNECTED = "agent_connected"
 AGENT_DISCONNECTED = "agent_disconnected"
@@ -45,10 +44,8 @@ CONNECTING_TO_CLOUD = "connecting_to_cloud"
 CONNECTING_TO_CLOUD_TEXT = "connecting to cloud"
 TUNNEL_OPEN = "tunnel_open"
 TUNNEL_OPEN_TEXT = "connection open"
-AGENT_TUNNEL_READY = "tunnel_ready"
 AGENT_TUNNEL_LOST = "tunnel_lost"
 AGENT_TUNNEL_FAILED = "tunnel_failed"
-TARGET_CONNECTED = "target_connected"
 TARGET_FAILED = "target_failed"
 CONFIG_WARNING = "config_warning"
 INSECURE_HUB_URL = "insecure_hub_url"
