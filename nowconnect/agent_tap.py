@@ -33,6 +33,13 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> IService:
     from nowconnect.agent import make_agent_service
 
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        from nowconnect.shutdown import stop_cleanly_on_sigterm
+
+        reactor = global_reactor
+        stop_cleanly_on_sigterm(reactor)
     try:
         return make_agent_service(options.agent_config, reactor)
     except ValueError as e:  # a bad endpoint string in `metrics_listen`

@@ -331,11 +331,15 @@ class HubService(MultiService):
             yield _sleep(self.clock, 0.1)
         left = self.active_streams()
         for tunnel in self.registry.all_tunnels():
-            if tunnel.mux is not None:
-                for stream in tunnel.mux.streams():
-                    tunnel.mux.reset(stream.stream_id, wire.ResetCode.shutdown, "hub stopping")
-                tunnel._flush()
-            tunnel.sendClose(1001, "hub stopping")
+            try:
+                if tunnel.mux is not None:
+                    for stream in tunnel.mux.streams():
+                        tunnel.mux.reset(stream.stream_id, wire.ResetCode.shutdown,
+                                         "hub stopping")
+                tunnel.close("hub stopping")
+            except Exception:
+                _log.failure("tunnel_error while closing a tunnel at shutdown",
+                             event=logs.TUNNEL_ERROR)
         logs.emit(_log, "info", logs.DRAIN_FINISHED, "reset={reset}", reset=left)
         yield MultiService.stopService(self)
 

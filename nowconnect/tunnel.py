@@ -27,14 +27,14 @@ from zope.interface import implementer
 from nowconnect import __version__, logs, wire
 from nowconnect.mux import AGENT, HUB, Acceptor, Mux, MuxObserver
 
-#: WebSocket close codes (RFC 6455 and the private range).
+#: WebSocket close codes.  An endpoint may only send 1000 or 3000-4999 (RFC 6455 section 7.4;
+#: Autobahn enforces it), so ours live in the private 4000 range.
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL = 1011
+CLOSE_GOING_AWAY = 4000
 CLOSE_REJECTED = 4001
 CLOSE_HANDSHAKE_TIMEOUT = 4002
+CLOSE_PROTOCOL_ERROR = 4003
+CLOSE_INTERNAL = 4004
 
 
 class Rejected(Exception):
@@ -118,6 +118,11 @@ class _TunnelMixin:
         if not self._closing_reason:
             self._closing_reason = reason
         self.sendClose(code, reason[:120])
+
+    def close(self, reason: str) -> None:
+        """Close this tunnel on purpose (shutdown): the peer sees a going-away close."""
+        self._flush()  # RSTs queued for this turn go out before the close frame
+        self._fail(CLOSE_GOING_AWAY, reason)
 
     def _drop_mux(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
@@ -290,9 +295,6 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):
 
     def when_closed(self) -> Deferred[None]:
         return self._closed
-
-    def close(self, reason: str = "agent stopping") -> None:
-        self._fail(CLOSE_GOING_AWAY, reason)
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != wire.SUBPROTOCOL:
