@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -62,15 +63,56 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _serve_echo(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray(256 * 1024)
-    view = memoryview(buf)
+def _echo_loop(listener: socket.socket) -> None:
+    """
+    Echo for every connection in one epoll loop: small messages and many short connections
+    cost no thread start-up and no GIL hand-over.
+    """
+    listener.setblocking(False)
+    lfd = listener.fileno()
+    ep = select.epoll()
+    ep.register(lfd, select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    pending: dict[int, bytes] = {}
+
+    def drop(fd: int) -> None:
+        ep.unregister(fd)
+        conns.pop(fd).close()
+        pending.pop(fd, None)
+
     while True:
-        n = sock.recv_into(buf)
-        if not n:
-            return
-        sock.sendall(view[:n])
+        for fd, ev in ep.poll():
+            if fd == lfd:
+                while True:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conns[sock.fileno()] = sock
+                    ep.register(sock.fileno(), select.EPOLLIN)
+                continue
+            sock = conns[fd]
+            try:
+                if fd in pending:  # waiting for EPOLLOUT; reading is paused
+                    data = pending.pop(fd)
+                else:
+                    data = sock.recv(262144)
+                    if not data:
+                        drop(fd)
+                        continue
+                n = sock.send(data)
+            except BlockingIOError:
+                continue
+            except OSError:
+                drop(fd)
+                continue
+            if n < len(data):
+                pending[fd] = data[n:]
+                ep.modify(fd, select.EPOLLOUT)
+            elif ev & select.EPOLLOUT:
+                ep.modify(fd, select.EPOLLIN)
 
 
 def _serve_sink(sock: socket.socket) -> None:
@@ -116,15 +158,18 @@ def _accept_loop(listener: socket.socket, handler: Callable[[socket.socket], Non
 
 
 def serve_target() -> None:
-    handlers = {"echo": _serve_echo, "sink": _serve_sink, "source": _serve_source}
     ports = {}
-    for name, handler in handlers.items():
+    for name in ("echo", "sink", "source"):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
-        listener.listen(1024)
+        listener.listen(4096)
         ports[name] = listener.getsockname()[1]
-        threading.Thread(target=_accept_loop, args=(listener, handler), daemon=True).start()
+        if name == "echo":
+            threading.Thread(target=_echo_loop, args=(listener,), daemon=True).start()
+        else:  # few connections, large transfers: a thread each, blocking 1 MiB calls
+            handler = _serve_sink if name == "sink" else _serve_source
+            threading.Thread(target=_accept_loop, args=(listener, handler), daemon=True).start()
     sys.stdout.write(json.dumps(ports) + "\n")
     sys.stdout.flush()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
@@ -746,7 +791,10 @@ def plan(quick: bool) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     p = plan(args.quick)
-    only = set(args.only.split(",")) if args.only else {"latency", "connrate", "bulk"}
+    order = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(order) - {"latency", "connrate", "bulk"}
+    if unknown or not order:
+        raise SystemExit(f"--only: unknown phase(s) {sorted(unknown)}; use latency,connrate,bulk")
     workdir = Path(tempfile.mkdtemp(prefix="ncbench-"))
     rig = Rig(workdir, args.twistd)
     profiler = None
@@ -776,7 +824,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     units: Callable[[dict[str, Any]], dict[str, float]]) -> None:
             entry: dict[str, Any] = {}
             wait_idle(tunnel_pids)
-            entry["direct"] = fn(rig.target_ports[service])
+            with Meter({"target": pids["target"]}) as meter:
+                direct = fn(rig.target_ports[service])
+                direct["procs"] = meter.finish()
+            entry["direct"] = direct
             for path in ("tunnel",):
                 wait_idle(tunnel_pids)
                 if profiler and name in PROFILED:
@@ -808,23 +859,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def per_conn(r: dict[str, Any]) -> dict[str, Any]:
             return {"us_per_conn": (r["connections"], 1e6)}
 
-        if "latency" in only:
-            measure("rtt_1conn", "echo", lambda port: rtt_sequential(port, p["rtt_seq"]), per_rtt)
-            measure("rtt_32conn", "echo",
-                    lambda port: rtt_concurrent(port, 32, p["rtt_conc_per_conn"]), per_rtt)
-        if "connrate" in only:
-            measure("connrate_sequential", "echo",
-                    lambda port: connrate_sequential(port, p["conn_seq"], p["conn_seconds"]),
-                    per_conn)
-            measure("connrate_parallel", "echo",
-                    lambda port: connrate_parallel(port, 32, p["conn_par"], p["conn_seconds"]),
-                    per_conn)
-        if "bulk" in only:
-            total = p["bulk_bytes"]
-            measure("bulk_c2a_1", "sink", lambda port: bulk(port, total, 1, _c2a_stream), per_mb)
-            measure("bulk_c2a_4", "sink", lambda port: bulk(port, total, 4, _c2a_stream), per_mb)
-            measure("bulk_a2c_1", "source", lambda port: bulk(port, total, 1, _a2c_stream), per_mb)
-            measure("bulk_a2c_4", "source", lambda port: bulk(port, total, 4, _a2c_stream), per_mb)
+        total = p["bulk_bytes"]
+        phases: dict[str, Callable[[], None]] = {
+            "latency": lambda: (
+                measure("rtt_1conn", "echo", lambda port: rtt_sequential(port, p["rtt_seq"]),
+                        per_rtt),
+                measure("rtt_32conn", "echo",
+                        lambda port: rtt_concurrent(port, 32, p["rtt_conc_per_conn"]), per_rtt)),
+            "connrate": lambda: (
+                measure("connrate_sequential", "echo",
+                        lambda port: connrate_sequential(port, p["conn_seq"], p["conn_seconds"]),
+                        per_conn),
+                measure("connrate_parallel", "echo",
+                        lambda port: connrate_parallel(port, 32, p["conn_par"],
+                                                       p["conn_seconds"]), per_conn)),
+            "bulk": lambda: (
+                measure("bulk_c2a_1", "sink", lambda port: bulk(port, total, 1, _c2a_stream),
+                        per_mb),
+                measure("bulk_c2a_4", "sink", lambda port: bulk(port, total, 4, _c2a_stream),
+                        per_mb),
+                measure("bulk_a2c_1", "source", lambda port: bulk(port, total, 1, _a2c_stream),
+                        per_mb),
+                measure("bulk_a2c_4", "source", lambda port: bulk(port, total, 4, _a2c_stream),
+                        per_mb)),
+        }
+        for phase in order:
+            phases[phase]()
 
         peaks = {name: status_kib(pid, "VmHWM") for name, pid in pids.items()}
         rss_final = {name: status_kib(pid, "VmRSS") for name, pid in pids.items()}
@@ -844,6 +904,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_info(),
         "plan": p,
+        "order": order,
         "wall_seconds": round(time.monotonic() - t_start, 1),
         "results": results,
         "peak_rss_kib_last_phase": peaks,
@@ -968,8 +1029,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="256 MiB bulk transfers and fewer round trips/connections")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
-    parser.add_argument("--only", metavar="LIST",
-                        help="comma-separated subset of: latency,connrate,bulk")
+    parser.add_argument("--only", metavar="LIST", default="latency,connrate,bulk",
+                        help="phases to run, in this order (default: %(default)s)")
     parser.add_argument("--profile", metavar="DIR",
                         help="run py-spy on hub and agent during " + ", ".join(PROFILED)
                         + " (tunnel side) and summarise hot spots; perturbs the figures")

@@ -111,6 +111,12 @@ def _str(value: object, at: _At) -> str:
     return value
 
 
+def _bool(value: object, at: _At) -> bool:
+    if not isinstance(value, bool):
+        raise at(f"expected true or false, got {_kind(value)}")
+    return value
+
+
 def _int(lo: int, hi: int) -> _Conv[int]:
     def conv(value: object, at: _At) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -221,6 +227,8 @@ class Limits:
     ping_timeout: float = 45.0
     idle_timeout: float = 3600.0
     open_timeout: float = 15.0
+    auth_failures_before_backoff: int = 5
+    auth_backoff_max: float = 300.0
 
 
 _LIMIT_RULES: dict[str, _Conv[Any]] = {
@@ -233,6 +241,8 @@ _LIMIT_RULES: dict[str, _Conv[Any]] = {
     "ping_timeout": _float(0, allow_lo=False),
     "idle_timeout": _float(0, allow_lo=True),
     "open_timeout": _float(0, allow_lo=False),
+    "auth_failures_before_backoff": _int(1, 2**31 - 1),
+    "auth_backoff_max": _float(0, allow_lo=False),
 }
 
 
@@ -271,6 +281,10 @@ class AgentAuth:
     id: str
     token_sha256: str
     connectors: tuple[str, ...]
+    #: With mutual TLS: the DNS name (or CN) the agent's client certificate must carry.
+    cert_identity: str | None = None
+    #: A new tunnel for this id replaces the old one instead of running beside it (HA default).
+    exclusive: bool = False
 
     def token_matches(self, token: str) -> bool:
         """Constant-time check of C{token} against the stored SHA-256."""
@@ -293,6 +307,8 @@ class HubConfig:
     drain_seconds: float = 10.0
     metrics_allow_cidrs: tuple[Network, ...] | None = None
     client_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def agent(self, agent_id: str) -> AgentAuth | None:
         return next((a for a in self.agents if a.id == agent_id), None)
@@ -317,7 +333,8 @@ def parse_hub_config(data: object, source: str = "<string>") -> HubConfig:
     if data is None:
         raise ConfigError(source, "(top level)", "empty configuration")
     s = _Section(data, _At(source, ""), ("agents", "client_ca", "drain_seconds", "limits",
-                                         "listen", "listeners", "metrics_allow_cidrs"))
+                                         "listen", "listeners", "metrics_allow_cidrs",
+                                         "tls_cert", "tls_key"))
     listen = s.get("listen", _str, "tcp:8765")
     listeners = s.get("listeners", _list(_listener))
     seen: set[tuple[str, int]] = set()
@@ -335,13 +352,20 @@ def parse_hub_config(data: object, source: str = "<string>") -> HubConfig:
         return name
 
     def agent(value: object, at: _At) -> AgentAuth:
-        a = _Section(value, at, ("connectors", "id", "token_sha256"))
+        a = _Section(value, at, ("cert_identity", "connectors", "exclusive", "id",
+                                 "token_sha256"))
         agent_id = a.get("id", _matching(_AGENT_ID_RE))
         digest = a.get("token_sha256", _matching(r"[0-9A-Fa-f]{64}")).lower()
         connectors = a.get("connectors", _list(connector))
         if len(set(connectors)) != len(connectors):
             raise at.child("connectors")("lists a connector twice")
-        return AgentAuth(agent_id, digest, connectors)
+        identity = a.get("cert_identity", _str, None)
+        if identity is not None and not client_ca_given:
+            raise at.child("cert_identity")("needs client_ca (mutual TLS) on the hub")
+        exclusive = a.get("exclusive", _bool, False)
+        return AgentAuth(agent_id, digest, connectors, identity, exclusive)
+
+    client_ca_given = isinstance(data, dict) and data.get("client_ca") is not None
 
     agents = s.get("agents", _list(agent))
     for i, auth in enumerate(agents):
@@ -352,7 +376,19 @@ def parse_hub_config(data: object, source: str = "<string>") -> HubConfig:
     metrics = s.get("metrics_allow_cidrs", _list(_cidr, empty="empty list would block every "
                                                  "scraper; omit the key to allow all"), None)
     client_ca = s.get("client_ca", _readable, None)
-    return HubConfig(source, listen, listeners, agents, limits, drain, metrics, client_ca)
+    tls_cert = s.get("tls_cert", _readable, None)
+    tls_key = s.get("tls_key", _readable, None)
+    if (tls_cert is None) != (tls_key is None):
+        raise s.at.child("tls_key" if tls_key is None else "tls_cert")(
+            "tls_cert and tls_key must be set together")
+    if tls_cert is not None and listen.startswith(("ssl:", "tls:")):
+        raise s.at.child("tls_cert")(
+            "listen is already a TLS endpoint; use a tcp: endpoint with tls_cert/tls_key")
+    if client_ca is not None and tls_cert is None:
+        raise s.at.child("client_ca")(
+            "mutual TLS needs tls_cert and tls_key (with a tcp: listen endpoint)")
+    return HubConfig(source, listen, listeners, agents, limits, drain, metrics, client_ca,
+                     tls_cert, tls_key)
 
 
 def _limit_section(value: object, at: _At) -> Limits:

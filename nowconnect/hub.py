@@ -183,6 +183,7 @@ class HubService(MultiService):
         self.observer = StreamObserver(self.metrics, reactor, _log)
         self.initial_window = config.limits.initial_window
         self.max_frame = config.limits.max_frame
+        self.max_pending = config.limits.max_pending_bytes_per_tunnel
         self.handshake_timeout = config.limits.handshake_timeout
         self._cidr_cache: OrderedDict[tuple[int, str], bool] = OrderedDict()
         self.listeners: list[ListenerService] = []

@@ -56,6 +56,8 @@ class MuxObserver(Protocol):
 
     def stream_ended(self, stream: Stream, outcome: str) -> None: ...
 
+    def limit_hit(self, limit: str) -> None: ...
+
 
 class Acceptor(Protocol):
     """Agent side: start connecting a stream's target; later call attach() or reject()."""
@@ -87,11 +89,18 @@ class NullObserver:
     def stream_ended(self, stream: Stream, outcome: str) -> None:
         pass
 
+    def limit_hit(self, limit: str) -> None:
+        pass
+
 
 class Mux:
     """
     The streams of one tunnel.  Protocol violations raise L{ProtocolError} out of L{receive};
     the caller closes the tunnel and then calls L{close_all}.
+
+    C{max_pending} bounds the bytes this side has sent on all streams together and the peer has
+    not yet granted back: past it every local socket stops being read until grants bring the
+    total under half of it.  Per-stream windows bound one stream; this bounds thousands.
     """
 
     def __init__(
@@ -105,6 +114,7 @@ class Mux:
         observer: MuxObserver | None = None,
         acceptor: Acceptor | None = None,
         connectors: frozenset[str] = frozenset(),
+        max_pending: int | None = None,
     ) -> None:
         if role not in (HUB, AGENT):
             raise ValueError(role)
@@ -125,6 +135,9 @@ class Mux:
         self._next_id = 1
         self._highest_seen = 0
         self._link_paused = False
+        self._max_pending = max_pending
+        self._pending = 0
+        self._over_budget = False
         self._closed = False
         # Our reads are c2a on the hub (client side) and a2c on the agent (target side).
         self._local_dir, self._remote_dir = ("c2a", "a2c") if role == HUB else ("a2c", "c2a")
@@ -142,6 +155,10 @@ class Mux:
 
     def pending_output(self) -> int:
         return self._out_size
+
+    def unacknowledged(self) -> int:
+        """Bytes sent on every stream together that the peer has not granted back yet."""
+        return self._pending
 
     # -- output --------------------------------------------------------------------------------
 
@@ -194,7 +211,7 @@ class Mux:
         self._locals[stream_id] = local
         self._emit_frame(wire.Open(stream_id, connector, client))
         self._observer.stream_opened(stream)
-        if self._link_paused:
+        if self._link_paused or self._over_budget:
             self._set_reading(stream, local)
         return stream_id
 
@@ -218,7 +235,7 @@ class Mux:
         if stream.inbound is Half.FINISHED:
             local.write_eof()
             self._maybe_finished(stream)
-        elif self._link_paused:
+        elif self._link_paused or self._over_budget:
             self._set_reading(stream, local)
         return True
 
@@ -237,6 +254,7 @@ class Mux:
         now = stream.take_sendable(data)
         if now:
             self._emit_data(stream_id, now)
+            self._add_pending(len(now))
         self._set_reading(stream, self._locals[stream_id])
 
     def local_eof(self, stream_id: int) -> None:
@@ -286,15 +304,11 @@ class Mux:
     def link_paused(self) -> None:
         """The tunnel's transport is backed up: stop reading every local socket."""
         self._link_paused = True
-        for stream_id, local in list(self._locals.items()):
-            self._set_reading(self._streams[stream_id], local)
+        self._refresh_reading()
 
     def link_resumed(self) -> None:
         self._link_paused = False
-        for stream_id, local in list(self._locals.items()):
-            stream = self._streams.get(stream_id)
-            if stream is not None:
-                self._set_reading(stream, local)
+        self._refresh_reading()
 
     def close_all(self, code: ResetCode = ResetCode.tunnel_lost) -> None:
         """The tunnel is gone: abort every local socket.  Nothing more is sent."""
@@ -401,8 +415,13 @@ class Mux:
             return
         if stream.send_credit + frame.credit > wire.MAX_U32:
             raise ProtocolError(f"WINDOW overflows credit on stream {frame.stream_id}")
+        before = stream.window - stream.send_credit
+        released = 0
         for chunk in stream.grant_received(frame.credit):
             self._emit_data(stream.stream_id, chunk)
+            released += len(chunk)
+        # Credit beyond the window (a generous peer) acknowledges nothing we sent.
+        self._add_pending(released - min(frame.credit, max(0, before)))
         if stream.fin_ready():
             self._send_fin(stream)
             return
@@ -446,8 +465,27 @@ class Mux:
             if local is not None:
                 local.close()
 
+    def _add_pending(self, delta: int) -> None:
+        self._pending = max(0, self._pending + delta)
+        limit = self._max_pending
+        if limit is None:
+            return
+        if not self._over_budget and self._pending >= limit:
+            self._over_budget = True
+            self._observer.limit_hit("pending_bytes_per_tunnel")
+            self._refresh_reading()
+        elif self._over_budget and self._pending < limit // 2:
+            self._over_budget = False
+            self._refresh_reading()
+
+    def _refresh_reading(self) -> None:
+        for stream_id, local in list(self._locals.items()):
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                self._set_reading(stream, local)
+
     def _set_reading(self, stream: Stream, local: LocalSide) -> None:
-        paused = self._link_paused or stream.wants_reading_paused()
+        paused = self._link_paused or self._over_budget or stream.wants_reading_paused()
         if paused != stream.reading_paused:
             stream.reading_paused = paused
             if paused:
@@ -457,6 +495,8 @@ class Mux:
 
     def _end(self, stream: Stream, outcome: str, *, abort_local: bool) -> None:
         del self._streams[stream.stream_id]
+        if not self._closed:
+            self._add_pending(-max(0, stream.window - stream.send_credit))
         local = self._locals.pop(stream.stream_id, None)
         stream.end()
         self._observer.stream_ended(stream, outcome)

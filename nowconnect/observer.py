@@ -58,6 +58,11 @@ class StreamObserver:
         )
 
 
+    def limit_hit(self, limit: str) -> None:
+        m = self._m
+        m.child(m.limit_hits, limit).inc()
+        logs.emit(self._log, "warn", logs.LIMIT_REACHED, "limit={limit}", limit=limit)
+
 _OPEN_FAILURES = frozenset(
     {"target_refused", "target_timeout", "tunnel_lost", "open_timeout", "unknown_connector",
      "limit"}

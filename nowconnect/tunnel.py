@@ -140,6 +140,7 @@ class HubHost(Protocol):
     observer: MuxObserver
     initial_window: int
     max_frame: int
+    max_pending: int
     handshake_timeout: float
 
     def authenticate(self, authorization: str | None, peer: str) -> Any: ...
@@ -232,6 +233,7 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):
                 clock=host.clock,
                 wake=self._wake,
                 observer=host.observer,
+                max_pending=host.max_pending,
             )
             self.sendMessage(
                 wire.encode(wire.Welcome(host.initial_window, host.max_frame)), isBinary=True
@@ -349,6 +351,7 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):
             observer=f.observer,
             acceptor=f.acceptor_for(self),
             connectors=frozenset(f.connectors),
+            max_pending=f.max_pending,
         )
         self._is_ready = True
         self._ready.callback(self)
@@ -394,6 +397,7 @@ class AgentTunnelFactory(WebSocketClientFactory):
         ping_interval: float = 15.0,
         ping_timeout: float = 45.0,
         mask_frames: bool = True,
+        max_pending: int = 256 * 1024 * 1024,
     ) -> None:
         WebSocketClientFactory.__init__(
             self,
@@ -407,6 +411,7 @@ class AgentTunnelFactory(WebSocketClientFactory):
         self.clock = clock
         self.observer = observer
         self.handshake_timeout = handshake_timeout
+        self.max_pending = max_pending
         self._host = host
         _common_options(self, 64 * 1024 * 1024, ping_interval, ping_timeout)
         self.setProtocolOptions(openHandshakeTimeout=handshake_timeout, maskClientFrames=mask_frames)

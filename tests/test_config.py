@@ -143,13 +143,14 @@ def test_hub_all_keys(tmp_path: Path) -> None:
               "ping_timeout": 3, "idle_timeout": 0, "open_timeout": 4}
     cfg = parse_hub_config(hub_data(
         listen="tcp:0", limits=limits, drain_seconds=0, metrics_allow_cidrs=["::1/128"],
-        client_ca=str(ca),
+        client_ca=str(ca), tls_cert=str(ca), tls_key=str(ca),
         listeners=[{"connector": "a.b-c_1", "port": 0, "bind": "::", "max_connections": 7},
                    {"connector": "a.b-c_1", "port": 0, "bind": "::"}],
         agents=[{"id": "x@y.z", "token_sha256": DIGEST.upper(), "connectors": ["a.b-c_1"]}]))
     assert cfg.limits == Limits(65536, 1024, 5, 10, 1.0, 2.5, 3.0, 0.0, 4.0)
     assert isinstance(cfg.limits.handshake_timeout, float)
     assert cfg.listen == "tcp:0" and cfg.drain_seconds == 0.0 and cfg.client_ca == str(ca)
+    assert cfg.tls_cert == cfg.tls_key == str(ca)
     assert cfg.metrics_allow_cidrs == (ipaddress.ip_network("::1/128"),)
     assert cfg.listeners[0].max_connections == 7
     assert cfg.agents == (AgentAuth("x@y.z", DIGEST, ("a.b-c_1",)),)
@@ -238,7 +239,7 @@ HUB_ERRORS = [
     ([1, 2], "(top level)", "expected a mapping, got list"),
     ("listen: x", "(top level)", "expected a mapping, got string"),
     (hub_data(lissen="tcp:1"), "lissen", "unknown key (expected one of: agents, client_ca, "
-     "drain_seconds, limits, listen, listeners, metrics_allow_cidrs)"),
+     "drain_seconds, limits, listen, listeners, metrics_allow_cidrs, tls_cert, tls_key)"),
     ({"agents": []}, "listeners", "required"),
     (hub_data(listeners=[]), "listeners", "must not be empty"),
     (hub_data(listeners={"a": 1}), "listeners", "expected a list, got mapping"),
@@ -272,7 +273,7 @@ HUB_ERRORS = [
                          {"connector": "b", "port": 1, "bind": "::"}]),
      "listeners[1]", "duplicate bind/port :: 1"),
     (_agent(tokn="x"), "agents[0].tokn",
-     "unknown key (expected one of: connectors, id, token_sha256)"),
+     "unknown key (expected one of: cert_identity, connectors, exclusive, id, token_sha256)"),
     (_agent(id=None), "agents[0].id", "required"),
     (_agent(id="a b"), "agents[0].id", "must match"),
     (_agent(id="x" * 129), "agents[0].id", "must match"),
@@ -771,3 +772,26 @@ def test_values_are_frozen() -> None:
     assert isinstance(agent, AgentConfig)
     with pytest.raises(AttributeError):
         agent.token = "x"  # type: ignore[misc]
+
+
+def test_hub_tls_rules(tmp_path: Path) -> None:
+    """tls_cert/tls_key go together, not with an ssl: listen; client_ca and cert_identity need them."""
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    p = str(pem)
+    assert hub_error(hub_data(tls_cert=p)).key == "tls_key"
+    assert hub_error(hub_data(tls_key=p)).key == "tls_cert"
+    err = hub_error(hub_data(tls_cert=p, tls_key=p, listen="ssl:8765:privateKey=k"))
+    assert err.key == "tls_cert" and "already a TLS endpoint" in err.reason
+    err = hub_error(hub_data(client_ca=p))
+    assert err.key == "client_ca" and "needs tls_cert" in err.reason
+    agents = [{"id": "a", "token_sha256": DIGEST, "connectors": ["addomain"],
+               "cert_identity": "agent.example.org"}]
+    err = hub_error(hub_data(agents=agents))
+    assert err.key == "agents[0].cert_identity" and "client_ca" in err.reason
+    cfg = parse_hub_config(hub_data(agents=[{**agents[0], "exclusive": True}], client_ca=p,
+                                    tls_cert=p, tls_key=p))
+    assert cfg.agents[0].cert_identity == "agent.example.org" and cfg.agents[0].exclusive
+    err = hub_error(hub_data(agents=[{**agents[0], "exclusive": "yes"}], client_ca=p,
+                             tls_cert=p, tls_key=p))
+    assert err.key == "agents[0].exclusive" and "true or false" in err.reason

@@ -94,6 +94,27 @@ def connect(d: Deployment, connector: str, timeout: float = 10) -> socket.socket
     return sock
 
 
+def open_and_read(d: Deployment, connector: str, send: bytes = b"",
+                  timeout: float = 5) -> tuple[bytes, str, float]:
+    """
+    Connect, optionally send, read until the hub closes: (data, "eof"|"reset"|"timeout",
+    seconds from connect).  A reset that wins the race with connect() counts as "reset".
+    """
+    start = time.monotonic()
+    try:
+        sock = connect(d, connector, timeout=timeout)
+    except ConnectionResetError:
+        return b"", "reset", time.monotonic() - start
+    with sock:
+        if send:
+            try:
+                sock.sendall(send)
+            except OSError:
+                pass
+        data, how = read_until_closed(sock, timeout)
+    return data, how, time.monotonic() - start
+
+
 def wait_idle(d: Deployment, connector: str, timeout: float = 10) -> None:
     """Wait until the hub has no open stream for C{connector} (server-side disconnects done)."""
     d.wait_for(lambda: d.metric(ACTIVE, connector=connector) == 0, timeout,
@@ -236,12 +257,7 @@ def test_target_refused_closes_client_promptly_and_counts(up: Deployment) -> Non
     """
     failures = up.metric(OPEN_FAILURES, connector="refused", reason="target_refused")
     rsts = up.metric(CLOSE_EVENTS, connector="refused", event="RST_RECV")
-    sock = connect(up, "refused")
-    start = time.monotonic()
-    sock.sendall(b"optimistic bytes")
-    data, how = read_until_closed(sock, timeout=5)
-    elapsed = time.monotonic() - start
-    sock.close()
+    data, how, elapsed = open_and_read(up, "refused", b"optimistic bytes")
     assert data == b""
     assert how in ("eof", "reset") and elapsed < 2, (how, elapsed)
     wait_idle(up, "refused")
@@ -371,11 +387,7 @@ def test_no_agent_closes_client_within_1s(lonely: Deployment) -> None:
     assert not lonely.agent_running()
     logged = len(lonely.hub_events("no_agent_for_connector"))
     failures = lonely.metric(OPEN_FAILURES, connector="svc", reason="no_agent")
-    sock = connect(lonely, "svc")
-    start = time.monotonic()
-    data, how = read_until_closed(sock, timeout=3)
-    elapsed = time.monotonic() - start
-    sock.close()
+    data, how, elapsed = open_and_read(lonely, "svc", timeout=3)
     assert data == b"" and how in ("eof", "reset") and elapsed < 1, (how, elapsed)
     lonely.wait_for(lambda: len(lonely.hub_events("no_agent_for_connector")) > logged, 5,
                     "no_agent_for_connector logged")
@@ -455,13 +467,7 @@ def test_cidr_blocked_client_gets_nothing_and_agent_sees_nothing(
     try:
         blocked = len(d.hub_events("cidr_blocked"))
         failures = d.metric(OPEN_FAILURES, connector="ldap", reason="cidr_blocked")
-        sock = connect(d, "ldap")
-        try:
-            sock.sendall(b"hello?")
-        except OSError:
-            pass
-        data, how = read_until_closed(sock, timeout=3)
-        sock.close()
+        data, how, _ = open_and_read(d, "ldap", b"hello?", timeout=3)
         assert data == b"" and how in ("eof", "reset")
         d.wait_for(lambda: len(d.hub_events("cidr_blocked")) > blocked, 5, "cidr_blocked logged")
         assert d.hub_events("cidr_blocked")[blocked]["connector"] == "ldap"

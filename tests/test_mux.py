@@ -944,7 +944,8 @@ ops = st.lists(
         st.tuples(st.sampled_from(["read_client", "read_target"]),
                   st.integers(min_value=1, max_value=3 * MAX_FRAME)),
         st.tuples(st.sampled_from(["flush_hub", "flush_agent", "deliver_hub", "deliver_agent",
-                                   "toggle_client", "toggle_target", "link_hub"]),
+                                   "toggle_client", "toggle_target", "link_hub",
+                                   "link_agent"]),
                   st.just(0)),
     ),
     min_size=5,
@@ -953,9 +954,9 @@ ops = st.lists(
 
 
 class InterleavingTests(SynchronousTestCase):
-    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(ops=ops, up=st.integers(0, 3 * WINDOW), down=st.integers(0, 3 * WINDOW),
-           open_first=st.booleans(), attach_at=st.integers(0, 30))
+           open_first=st.booleans(), attach_at=st.integers(0, 6))
     def test_any_interleaving_delivers_the_exact_bytes(
         self, ops: list[tuple[str, int]], up: int, down: int, open_first: bool, attach_at: int
     ) -> None:
@@ -973,7 +974,7 @@ class InterleavingTests(SynchronousTestCase):
         agent_end = Endpoint(p.agent, sid, target, pattern(down, 2))
         in_flight: dict[str, list[bytes]] = {HUB: [], AGENT: []}
         attached = False
-        link_paused = False
+        link_paused = {HUB: False, AGENT: False}
         if open_first:
             p.pump()  # OPEN reached the agent; the target may attach at any step
 
@@ -1001,9 +1002,10 @@ class InterleavingTests(SynchronousTestCase):
                 hub_end.toggle_backed_up()
             elif op == "toggle_target" and attached:
                 agent_end.toggle_backed_up()
-            elif op == "link_hub":
-                link_paused = not link_paused
-                p.hub.link_paused() if link_paused else p.hub.link_resumed()
+            elif op in ("link_hub", "link_agent"):
+                m = p.hub if op == "link_hub" else p.agent
+                link_paused[m.role] = not link_paused[m.role]
+                m.link_paused() if link_paused[m.role] else m.link_resumed()
             # Memory bound: at most one window in flight toward each side, plus one read
             # buffered by the sender.
             for m, end in ((p.hub, hub_end), (p.agent, agent_end)):
@@ -1026,8 +1028,9 @@ class InterleavingTests(SynchronousTestCase):
         if not attached:
             p.pump()
             self.assertTrue(p.agent.attach(sid, target))
-        if link_paused:
-            p.hub.link_resumed()
+        for m in (p.hub, p.agent):
+            if link_paused[m.role]:
+                m.link_resumed()
         for end in (hub_end, agent_end):
             if end.backed_up:
                 end.toggle_backed_up()
