@@ -661,7 +661,7 @@ class Rig:
 # Profiling (optional): py-spy on the hub and the agent during chosen tunnel measurements
 # --------------------------------------------------------------------------------------------
 
-PROFILED = ("bulk_c2a_1", "bulk_a2c_1", "connrate_parallel")
+PROFILED = ("rtt_1conn", "connrate_sequential", "connrate_parallel", "bulk_c2a_1", "bulk_a2c_1")
 
 
 class Profiler:
@@ -691,53 +691,94 @@ class Profiler:
         self.running = []
 
 
-def _frame_name(frame: str) -> str:
-    # "function (path/to/module.py:123)" -> "function (module path tail)" without the line
+def _frame_name(frame: str, line: bool = False) -> str:
+    """C{"Cls.func (path/to/module.py:123)"} -> C{"Cls.func (module path tail)"}."""
     name, _, where = frame.partition(" (")
-    path = where.rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+    path, _, lineno = where.rstrip(")").rpartition(":")
+    for marker in ("site-packages/", "/work/main/", "python3.11/", "lib/python3"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
-    return f"{name} ({path})"
+    return f"{name} ({path}:{lineno})" if line else f"{name} ({path})"
+
+
+def _epoll_wait_line() -> str:
+    """The C{doPoll} frame that means "blocked in epoll_wait": idle, not work."""
+    try:
+        from twisted.internet import epollreactor
+        src = Path(epollreactor.__file__).read_text().splitlines()
+        for i, text in enumerate(src, 1):
+            if "self._poller.poll(" in text:
+                return f"EPollReactor.doPoll (twisted/internet/epollreactor.py:{i})"
+    except (ImportError, OSError):
+        pass
+    return "EPollReactor.doPoll (twisted/internet/epollreactor.py:227)"
+
+
+#: Leaf frames that only wrap a system call: named with their caller, e.g. "untilConcludes <-
+#: Connection.writeSomeData" is the send() of a TCP write.
+_WRAPPERS = ("untilConcludes (", "_PollLikeMixin._doReadOrWrite (", "callWithContext (")
+#: Dispatch frames every busy sample goes through; left out of the inclusive ranking.
+_DISPATCH = ("ReactorBase.run (", "ReactorBase.mainLoop (", "EPollReactor.doPoll (",
+             "callWithLogger (", "callWithContext (", "ThreadedContextTracker.callWithContext (",
+             "ContextTracker.callWithContext (", "_PollLikeMixin._doReadOrWrite (",
+             "ReactorBase.runUntilCurrent (")
 
 
 def summarize_profile(path: Path, top: int = 10) -> dict[str, Any]:
-    """Self and inclusive sample counts per function from a py-spy raw (collapsed) file."""
+    """
+    Hot spots from a py-spy raw (collapsed) file: the reactor thread's samples, less the ones
+    blocked in epoll_wait (py-spy's idle detection does not work in every container); samples in
+    other threads (Twisted's thread pool, e.g. getaddrinfo) are counted apart.
+    """
+    idle_leaf = _epoll_wait_line()
     self_counts: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    total = 0
+    ours: Counter[str] = Counter()
+    busy = idle = pool_busy = 0
     if not path.exists():
-        return {"samples": 0, "self": [], "inclusive": []}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
+        return {"busy_samples": 0, "self": [], "inclusive": [], "nowconnect": []}
+    for text in path.read_text(errors="replace").splitlines():
+        stack, _, count = text.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
         frames = [f for f in stack.split(";") if " (" in f]
         if not frames:
             continue
-        total += n
+        leaf = _frame_name(frames[-1], line=True)
+        if not frames[0].startswith("<module> (twistd"):  # a thread-pool thread
+            if not leaf.startswith(("Condition.wait (", "Queue.get (")):
+                pool_busy += n
+            continue
+        if leaf == idle_leaf:
+            idle += n
+            continue
+        busy += n
         names = [_frame_name(f) for f in frames]
-        self_counts[names[-1]] += n
+        key = names[-1]
+        if key.startswith(_WRAPPERS) and len(names) > 1:
+            key = f"{key.split(' (')[0]} <- {names[-2]}"
+        self_counts[key] += n
         for name in set(names):
+            if name.startswith(_DISPATCH) or "/" not in name or "scripts/" in name \
+                    or "application/" in name or name.startswith("<module>"):
+                continue
             incl[name] += n
+            if "nowconnect/" in name:
+                ours[name] += n
 
-    def rows(counter: Counter[str], keep: Callable[[str], bool]) -> list[list[Any]]:
-        return [[name, round(100 * c / total, 1)] for name, c in counter.most_common()
-                if keep(name)][:top]
+    def rows(counter: Counter[str]) -> list[list[Any]]:
+        return [[name, round(100 * c / busy, 1)] for name, c in counter.most_common(top)]
 
-    own = ("nowconnect/", "autobahn/", "twisted/", "txaio/", "prometheus_client/")
-    # Inclusive time only for project and library code, below the reactor loop.
-    skip = ("run (", "mainLoop (", "doPoll (", "runReactorWithLogging (", "startReactor (",
-            "runApp (", "run_ (", "_callWithLogger", "callWithLogger (", "callWithContext (",
-            "_doReadOrWrite (", "<module> (", "main (", "runWithProfiler (")
+    total = busy + idle
     return {
-        "samples": total,
-        "self": rows(self_counts, lambda n: True),
-        "inclusive": rows(incl, lambda n: any(o in n for o in own)
-                          and not n.startswith(skip) and "_twistd_unix" not in n
-                          and "scripts/twistd" not in n and "application/app" not in n),
+        "busy_samples": busy,
+        "idle_pct": round(100 * idle / total, 1) if total else 0.0,
+        "threadpool_busy_samples": pool_busy,
+        "self": rows(self_counts) if busy else [],
+        "inclusive": rows(incl) if busy else [],
+        "nowconnect": rows(ours) if busy else [],
     }
 
 
@@ -806,6 +847,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("--profile needs py-spy (pip install py-spy)")
         profiler = Profiler(outdir, pyspy, args.profile_rate)
     results: dict[str, Any] = {}
+    overall_peak: dict[str, int] = {}
+    repeat = args.repeat or (1 if args.quick else 3)
     t_start = time.monotonic()
     try:
         rig.start()
@@ -819,34 +862,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _c2a_stream(rig.hub_ports["sink"], 100_000)
         _a2c_stream(rig.hub_ports["source"], 100_000)
         wait_idle(tunnel_pids)
+        overall_peak.update({name: status_kib(pid, "VmHWM") for name, pid in pids.items()})
+
+        def one_tunnel_run(name: str, fn: Callable[[int], dict[str, Any]], port: int,
+                           units: Callable[[dict[str, Any]], dict[str, Any]],
+                           profile: bool) -> dict[str, Any]:
+            wait_idle(tunnel_pids)
+            if profile:
+                assert profiler is not None
+                profiler.start(name, pids)
+            try:
+                with Meter(pids) as meter:
+                    res = fn(port)
+                    wait_idle(tunnel_pids)  # teardown work counts too
+                    res["procs"] = meter.finish()
+            finally:
+                if profile:
+                    assert profiler is not None
+                    profiler.stop()
+            for proc in ("hub", "agent"):
+                cpu = res["procs"][proc]["cpu_s"]
+                res["procs"][proc]["cpu_per_unit"] = {
+                    u: round(cpu * scale / amount, 2) if amount else None
+                    for u, (amount, scale) in units(res).items()}
+                res["procs"][proc]["cpu_pct_of_core"] = round(100 * cpu / res["seconds"], 1)
+            for proc, rss in res["procs"].items():
+                if isinstance(rss, dict) and "peak_rss_kib" in rss:
+                    overall_peak[proc] = max(overall_peak.get(proc, 0), rss["peak_rss_kib"])
+            return res
 
         def measure(name: str, service: str, fn: Callable[[int], dict[str, Any]],
-                    units: Callable[[dict[str, Any]], dict[str, float]]) -> None:
-            entry: dict[str, Any] = {}
-            wait_idle(tunnel_pids)
-            with Meter({"target": pids["target"]}) as meter:
-                direct = fn(rig.target_ports[service])
-                direct["procs"] = meter.finish()
-            entry["direct"] = direct
-            for path in ("tunnel",):
+                    units: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+            """Direct and tunnel, interleaved, C{repeat} times; keep the median run of each."""
+            key = HEADLINE[name]
+            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "tunnel": []}
+            for i in range(repeat):
                 wait_idle(tunnel_pids)
-                if profiler and name in PROFILED:
-                    profiler.start(name, pids)
-                with Meter(pids) as meter:
-                    res = fn(rig.hub_ports[service])
-                    wait_idle(tunnel_pids)
-                    res["procs"] = meter.finish()
-                if profiler and name in PROFILED:
-                    profiler.stop()
-                per = units(res)
-                for proc in ("hub", "agent"):
-                    cpu = res["procs"][proc]["cpu_s"]
-                    res["procs"][proc]["cpu_per_unit"] = {
-                        u: round(cpu * scale / amount, 2) if amount else None
-                        for u, (amount, scale) in per.items()}
-                    res["procs"][proc]["cpu_pct_of_core"] = round(100 * cpu / res["seconds"], 1)
-                entry[path] = res
-            rig.check_alive()
+                with Meter({"target": pids["target"]}) as meter:
+                    direct = fn(rig.target_ports[service])
+                    direct["procs"] = meter.finish()
+                runs["direct"].append(direct)
+                runs["tunnel"].append(one_tunnel_run(
+                    name, fn, rig.hub_ports[service], units,
+                    profile=profiler is not None and name in PROFILED and i == 0))
+                rig.check_alive()
+            entry = {}
+            for path, rs in runs.items():
+                median = sorted(rs, key=lambda r: r[key])[len(rs) // 2]
+                entry[path] = {**median, "runs": [r[key] for r in rs]}
             results[name] = entry
             say(f"{name}: {summary_line(entry)}")
 
@@ -862,8 +925,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         total = p["bulk_bytes"]
         phases: dict[str, Callable[[], None]] = {
             "latency": lambda: (
-                measure("rtt_1conn", "echo", lambda port: rtt_sequential(port, p["rtt_seq"]),
-                        per_rtt),
+                measure("rtt_1conn", "echo",
+                        lambda port: rtt_sequential(port, p["rtt_seq"]), per_rtt),
                 measure("rtt_32conn", "echo",
                         lambda port: rtt_concurrent(port, 32, p["rtt_conc_per_conn"]), per_rtt)),
             "connrate": lambda: (
@@ -874,19 +937,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         lambda port: connrate_parallel(port, 32, p["conn_par"],
                                                        p["conn_seconds"]), per_conn)),
             "bulk": lambda: (
-                measure("bulk_c2a_1", "sink", lambda port: bulk(port, total, 1, _c2a_stream),
-                        per_mb),
-                measure("bulk_c2a_4", "sink", lambda port: bulk(port, total, 4, _c2a_stream),
-                        per_mb),
-                measure("bulk_a2c_1", "source", lambda port: bulk(port, total, 1, _a2c_stream),
-                        per_mb),
-                measure("bulk_a2c_4", "source", lambda port: bulk(port, total, 4, _a2c_stream),
-                        per_mb)),
+                measure("bulk_c2a_1", "sink", lambda port: bulk(port, total, 1, _c2a_stream), per_mb),
+                measure("bulk_c2a_4", "sink", lambda port: bulk(port, total, 4, _c2a_stream), per_mb),
+                measure("bulk_a2c_1", "source", lambda port: bulk(port, total, 1, _a2c_stream), per_mb),
+                measure("bulk_a2c_4", "source", lambda port: bulk(port, total, 4, _a2c_stream), per_mb)),
         }
         for phase in order:
             phases[phase]()
 
-        peaks = {name: status_kib(pid, "VmHWM") for name, pid in pids.items()}
+        for name, pid in pids.items():
+            overall_peak[name] = max(overall_peak.get(name, 0), status_kib(pid, "VmHWM"))
         rss_final = {name: status_kib(pid, "VmRSS") for name, pid in pids.items()}
     finally:
         if profiler:
@@ -899,6 +959,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f = profiler.outdir / f"{name}-{proc}.txt"
                 if f.exists():
                     profile[f"{name}/{proc}"] = summarize_profile(f)
+                    profile[f"{name}/{proc}"]["raw_file"] = str(f)
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join(["python", *sys.argv]),
@@ -907,7 +968,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "order": order,
         "wall_seconds": round(time.monotonic() - t_start, 1),
         "results": results,
-        "peak_rss_kib_last_phase": peaks,
+        "repeat": repeat,
+        "peak_rss_kib": overall_peak,
         "rss_kib_final": rss_final,
         "workdir": str(workdir),
     }
@@ -955,6 +1017,11 @@ ROWS = [
     ("connrate_parallel", "conn_s", "Connections/s, 32 parallel workers", "conn/s", True),
 ]
 
+#: The figure each measurement's median run is chosen by.
+HEADLINE = {"bulk_c2a_1": "MB_s", "bulk_c2a_4": "MB_s", "bulk_a2c_1": "MB_s", "bulk_a2c_4": "MB_s",
+            "rtt_1conn": "p50_us", "rtt_32conn": "p50_us", "connrate_sequential": "conn_s",
+            "connrate_parallel": "conn_s"}
+
 COST_ROWS = [
     ("bulk_c2a_1", "ms_per_MB", "Bulk c2a, 1 stream"),
     ("bulk_c2a_4", "ms_per_MB", "Bulk c2a, 4 streams"),
@@ -978,14 +1045,17 @@ def _fmt(v: float) -> str:
 
 def render(out: dict[str, Any]) -> str:
     res = out["results"]
-    lines = ["| Measurement | Unit | Direct | Tunnel | Tunnel ÷ direct |",
-             "|---|---|---:|---:|---:|"]
+    lines = [f"| Measurement | Unit | Direct | Tunnel | Tunnel ÷ direct "
+             f"| Tunnel, {out['repeat']} runs (min–max) |",
+             "|---|---|---:|---:|---:|---:|"]
     for name, key, label, unit, _ in ROWS:
         if name not in res:
             continue
         d, t = res[name]["direct"][key], res[name]["tunnel"][key]
         ratio = f"{t / d:.2f}×" if d else "n/a"
-        lines.append(f"| {label} | {unit} | {_fmt(d)} | {_fmt(t)} | {ratio} |")
+        runs = res[name]["tunnel"]["runs"]
+        spread = f"{_fmt(min(runs))}–{_fmt(max(runs))}" if key == HEADLINE[name] else ""
+        lines.append(f"| {label} | {unit} | {_fmt(d)} | {_fmt(t)} | {ratio} | {spread} |")
     lines += ["", "Tunnel cost (hub and agent processes, user+sys from /proc/PID/stat; "
               "% = share of one core during the measurement; peak RSS over the measurement):", "",
               "| Measurement | Unit | Hub CPU | Agent CPU | Hub % core | Agent % core "
@@ -1011,15 +1081,17 @@ def render(out: dict[str, Any]) -> str:
 
 
 def render_profile(out: dict[str, Any]) -> str:
-    lines = []
+    lines = ["", "Profiles (py-spy, reactor thread, % of busy samples; figures of a profiled run "
+             "are perturbed):"]
     for key, prof in out.get("profile", {}).items():
-        lines.append(f"\n### {key} ({prof['samples']} samples)\n")
-        lines.append("Self time (% of samples):")
-        for name, pct in prof["self"]:
-            lines.append(f"  {pct:5.1f}%  {name}")
-        lines.append("Inclusive, project and library functions:")
-        for name, pct in prof["inclusive"]:
-            lines.append(f"  {pct:5.1f}%  {name}")
+        lines.append(f"\n### {key}: {prof['busy_samples']} busy samples, reactor idle "
+                     f"{prof['idle_pct']}%, thread-pool busy samples "
+                     f"{prof['threadpool_busy_samples']}\n")
+        for title, field in (("Self time", "self"), ("Inclusive (library and project)",
+                                                     "inclusive"),
+                             ("Inclusive, nowconnect only", "nowconnect")):
+            lines.append(f"{title}:")
+            lines.extend(f"  {pct:5.1f}%  {name}" for name, pct in prof[field])
     return "\n".join(lines)
 
 
@@ -1034,6 +1106,8 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR",
                         help="run py-spy on hub and agent during " + ", ".join(PROFILED)
                         + " (tunnel side) and summarise hot spots; perturbs the figures")
+    parser.add_argument("--repeat", type=int, default=0,
+                        help="runs of each measurement, median reported (default 3, --quick 1)")
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--twistd", default=shutil.which("twistd", path=os.path.dirname(
         sys.executable)) or shutil.which("twistd") or "twistd", help="twistd executable")

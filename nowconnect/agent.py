@@ -99,7 +99,7 @@ class AgentService(MultiService):
         self.config = config
         self.clock = reactor
         self.metrics = metrics if metrics is not None else Metrics()
-        self.observer = StreamObserver(self.metrics, reactor, _log)
+        self.observer = StreamObserver(self.metrics, reactor, _log, hub=False)
         self.tunnel: AgentTunnelProtocol | None = None
         self._draining = False
         for target in config.targets:
@@ -135,7 +135,7 @@ class AgentService(MultiService):
         self.client.setServiceParent(self)
         if config.metrics_listen:
             web = WebApp(self.metrics, unready=self._unready)
-            listen_service(reactor, f"metrics_listen {config.metrics_listen}",
+            listen_service(reactor, f"{config.source}: metrics_listen: {config.metrics_listen}",
                            config.metrics_listen, web.site()).setServiceParent(self)
 
     def startService(self) -> None:

@@ -12,7 +12,8 @@ Four steps, in order, each reported as one C{PASS}, C{FAIL} or C{SKIP} line:
       echoed back, the peer closes or resets, or L{HOLD_SECONDS} (1 s) pass.  It passes when
       the probe came back (an echo target), when any other reply came back, or when the
       connection is still open, not closed or reset, after 1 s (a target that does not answer
-      unknown bytes; LDAP servers close the connection on them, so use C{--ldap-base} for them).
+      unknown bytes, as slapd does not; a server that closes on them fails: for LDAP, use
+      C{--ldap-base}).
       It fails when the connection is refused, times out, or is closed or reset before any
       byte came back.
     - LDAP (C{--ldap-base DN}): an anonymous bind and a base-scope search of C{DN} with
@@ -39,6 +40,7 @@ environment variables, like the TCP step must.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -224,7 +226,7 @@ UNKNOWN_CONNECTOR = Diagnosis(
     "tunnel_protocol_error (hub log); compare the agent's NC_CONNECTORS with hub.yaml")
 TARGET_CLOSED = Diagnosis(
     "the target closed the connection on the probe (the tunnel opened it: not a hub refusal); "
-    "an LDAP server does this with unknown bytes: use --ldap-base",
+    "some servers do this with unknown bytes: for LDAP use --ldap-base",
     "connection_closed outcome= (hub log)")
 
 _BY_REASON = {
@@ -322,6 +324,10 @@ def tcp_probe(host: str, port: int, timeout: float, hold: float = HOLD_SECONDS) 
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
         return Probe("refused", detail="connection refused")
+    except ConnectionResetError:
+        # The hub accepted and reset at once: the handshake completed, then the RST arrived
+        # before connect() returned (a timeout makes the socket non-blocking underneath).
+        return Probe("reset", seconds=time.monotonic() - start)
     except (TimeoutError, socket.timeout):
         return Probe("timeout", detail=f"no TCP answer within {timeout:g} s")
     except OSError as e:
@@ -384,13 +390,17 @@ def ldap_probe(host: str, port: int, base: str, timeout: float) -> Probe:
 
     start = time.monotonic()
     server = ldap3.Server(host, port=port, get_info=ldap3.NONE, connect_timeout=timeout)
-    conn = ldap3.Connection(server, receive_timeout=timeout, raise_exceptions=False)
+    # ldap3 packs receive_timeout into SO_RCVTIMEO as a C long: whole seconds only.
+    conn = ldap3.Connection(server, receive_timeout=max(1, math.ceil(timeout)),
+                            raise_exceptions=False)
     try:
         conn.open()
     except lexc.LDAPSocketOpenError as e:
         text = str(e)
         if "refused" in text.lower():
             return Probe("refused", detail="connection refused")
+        if "reset" in text.lower():
+            return Probe("reset", seconds=time.monotonic() - start)
         if "timed out" in text.lower():
             return Probe("timeout", detail=f"no TCP answer within {timeout:g} s")
         return Probe("error", detail=text)

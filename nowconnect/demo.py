@@ -45,7 +45,8 @@ import time
 from typing import IO, Any, NoReturn, TextIO
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -65,8 +66,6 @@ from twisted.python.failure import Failure
 
 from nowconnect.check import Scrape, counter_deltas, parse_metrics
 from nowconnect.config import parse_agent_config, parse_hub_config
-
-_log = Logger(namespace="nowconnect.demo")
 
 CONNECTOR = "demo"
 HOST = "127.0.0.1"
@@ -110,7 +109,7 @@ def _compact(event: dict[str, Any]) -> str | None:
 
 def _stable_events_only(event: dict[str, Any]) -> PredicateResult:
     """Our stable events at info+ and anybody's warnings and errors; not library chatter."""
-    if event.get("event") or event.get("log_namespace") == _log.namespace:
+    if event.get("event"):
         return PredicateResult.yes
     if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
         return PredicateResult.yes
@@ -126,6 +125,9 @@ def demo_log_observer(stream: IO[str], verbose: bool = False) -> ILogObserver:
 
 
 # -- the pieces -------------------------------------------------------------------------------
+
+
+_log = Logger(namespace="nowconnect.demo")
 
 
 class _Echo(Protocol):
@@ -268,12 +270,17 @@ class DemoStack:
         self.agent.startService()
 
     def stop(self) -> Deferred[None]:
-        """Stop agent, hub and target (in that order); the same Deferred on every call."""
+        """
+        Stop agent, hub and target (in that order).  Every call gets its own Deferred that
+        fires when that one stop has finished; a failure to stop is logged, not raised.
+        """
         if self._stopping is None:
             self._stopping = Deferred.fromCoroutine(self._stop())
-        d: Deferred[None] = Deferred()
-        self._stopping.addBoth(lambda r: (d.callback(None), r)[1])
-        return d
+            self._stopping.addErrback(
+                lambda f: _log.failure("demo_stop_failed", f, event="demo_stop_failed"))
+        waiter: Deferred[None] = Deferred()
+        self._stopping.addCallback(lambda _: waiter.callback(None))
+        return waiter
 
     async def _stop(self) -> None:
         if self.agent is not None and self.agent.running:
@@ -307,12 +314,23 @@ class DemoStack:
         return parse_metrics(body.decode("utf-8"))
 
     async def ping_pong(self) -> _PingPong:
+        """L{ROUNDS} pings through the hub's listener with a real TCP client."""
         endpoint = TCP4ClientEndpoint(self.reactor, HOST, self.listener_port, timeout=5)
         client = _PingPong(self.reactor, ROUNDS, PING_SIZE)
-        factory = Factory.forProtocol(lambda: client)
-        factory.noisy = False
-        await endpoint.connect(factory)
+        await endpoint.connect(_OneProtocol(client))
         return await client.done
+
+
+class _OneProtocol(Factory):
+    """A client factory for one already-built protocol."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -385,7 +403,7 @@ async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
         try:
             ok = await d
         except Exception as e:
-            reason = (f"no result within {CHECK_TIMEOUT:g} s" if isinstance(e, TimeoutError)
+            reason = (f"no result within {CHECK_TIMEOUT:g} s" if isinstance(e, defer.TimeoutError)
                       else str(e) or type(e).__name__)
             say(f"FAIL: {reason} (while {stage[0]}; see the log lines on stderr)")
             ok = False

@@ -21,8 +21,11 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 
 
-class ListenFailed(Exception):
-    """A listener could not be started; the message says which and why."""
+class ListenFailed(SystemExit):
+    """
+    A listener could not be started; the message says which and why.  A C{SystemExit}, so
+    twistd prints that one line and exits 1 instead of a traceback.
+    """
 
 
 def tcp_endpoint_string(bind: str, port: int) -> str:

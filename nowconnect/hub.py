@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from nowconnect import logs, wire
 from nowconnect.config import AgentAuth, HubConfig, ListenerConfig
@@ -25,6 +27,8 @@ from nowconnect.metrics import Metrics
 from nowconnect.relay import StreamRelay
 from nowconnect.observer import StreamObserver
 from nowconnect.stream import Phase
+from nowconnect.tls import certificate_names, hub_tls_options
+from nowconnect.throttle import AuthThrottle
 from nowconnect.tunnel import HubTunnelFactory, HubTunnelProtocol, Rejected
 from nowconnect.web import WebApp
 
@@ -86,8 +90,12 @@ class Registry:
         return best, True
 
 
-class ClientRelay(StreamRelay):
-    """A client of a hub listener: policy checks, then one stream on the chosen tunnel."""
+class ClientRelay(TimeoutMixin, StreamRelay):
+    """
+    A client of a hub listener: policy checks, then one stream on the chosen tunnel.  A stream
+    with no bytes either way for C{idle_timeout} is reset (the default is above AD's 900 s, so
+    the directory closes idle LDAP connections first).
+    """
 
     factory: ClientFactory
     _open_timer: Any = None
@@ -134,6 +142,25 @@ class ClientRelay(StreamRelay):
         mux = tunnel.mux
         self.bind(mux, mux.open_stream(connector, client, self))
         self._open_timer = hub.clock.callLater(hub.config.limits.open_timeout, self._open_timeout)
+        idle = hub.config.limits.idle_timeout
+        if idle > 0:
+            self.callLater = hub.clock.callLater
+            self.setTimeout(idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        StreamRelay.dataReceived(self, data)
+
+    def write(self, data: bytes) -> None:
+        self.resetTimeout()
+        StreamRelay.write(self, data)
+
+    def timeoutConnection(self) -> None:
+        mux = self.mux
+        if mux is not None:
+            self.factory.hub.metrics.child(self.factory.hub.metrics.limit_hits,
+                                           "idle_timeout").inc()
+            mux.reset(self.stream_id, wire.ResetCode.idle_timeout, "stream idle")
 
     def _open_timeout(self) -> None:
         self._open_timer = None
@@ -145,6 +172,7 @@ class ClientRelay(StreamRelay):
             mux.reset(self.stream_id, wire.ResetCode.open_timeout, "agent did not connect in time")
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.setTimeout(None)
         if self._open_timer is not None and self._open_timer.active():
             self._open_timer.cancel()
         self._open_timer = None
@@ -180,12 +208,14 @@ class HubService(MultiService):
         self.clock = reactor
         self.metrics = metrics if metrics is not None else Metrics()
         self.registry = Registry(self.metrics, config.limits.max_streams_per_tunnel)
-        self.observer = StreamObserver(self.metrics, reactor, _log)
+        self.observer = StreamObserver(self.metrics, reactor, _log, hub=True)
         self.initial_window = config.limits.initial_window
         self.max_frame = config.limits.max_frame
         self.max_pending = config.limits.max_pending_bytes_per_tunnel
         self.handshake_timeout = config.limits.handshake_timeout
         self._cidr_cache: OrderedDict[tuple[int, str], bool] = OrderedDict()
+        self._throttle = AuthThrottle(config.limits.auth_failures_before_backoff,
+                                      config.limits.auth_backoff_max)
         self.listeners: list[ListenerService] = []
         self.web_port: IListeningPort | None = None
         self._tunnel_agents: dict[int, tuple[str, tuple[str, ...]]] = {}
@@ -201,13 +231,20 @@ class HubService(MultiService):
             tunnel=WebSocketResource(tunnel_factory),
             metrics_allow=config.metrics_allow_cidrs,
         )
-        self.web = listen_service(reactor, f"listen {config.listen}", config.listen, web.site(),
+        site: Any = web.site()
+        if config.tls_cert is not None and config.tls_key is not None:
+            site = TLSMemoryBIOFactory(
+                hub_tls_options(config.tls_cert, config.tls_key, config.client_ca), False, site
+            )
+        self.web = listen_service(reactor, f"{config.source}: listen: {config.listen}",
+                                  config.listen, site,
                                   self._web_listening)
         self.web.setServiceParent(self)
         for index, listener in enumerate(config.listeners):
             svc = listen_service(
                 reactor,
-                f"listeners[{index}] ({listener.connector} on {listener.bind}:{listener.port})",
+                f"{config.source}: listeners[{index}]: {listener.connector} on "
+                f"{listener.bind}:{listener.port}",
                 tcp_endpoint_string(listener.bind, listener.port),
                 ClientFactory(self, listener),
                 lambda port, listener=listener: self._listener_started(listener, port),
@@ -253,27 +290,48 @@ class HubService(MultiService):
 
     # -- HubHost (the tunnel protocol's view of the hub) ---------------------------------------
 
-    def authenticate(self, authorization: str | None, peer: str) -> AgentAuth:
+    def authenticate(self, authorization: str | None, peer: str,
+                     certificate: Any = None) -> AgentAuth:
         """
         The agent whose token the C{Authorization} header carries.  Every configured token is
         compared, in constant time, so timing says nothing about which one almost matched.
+        Failures per source address back off (429 while blocked).  With mutual TLS an agent
+        that has a C{cert_identity} must also present a certificate naming it.
         """
+        host = peer.rpartition(":")[0] or peer
+        now = self.clock.seconds()
+        wait = self._throttle.blocked_for(host, now)
+        if wait > 0:
+            self.metrics.child(self.metrics.limit_hits, "auth_failures").inc()
+            if self._throttle.should_log_block(host):
+                self._reject(peer, "", f"rate limited for {wait:.0f}s after repeated failures")
+            raise ConnectionDeny(429, "too many failed attempts; retry later")
         token = ""
         if authorization:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "bearer":
                 token = value.strip()
         if not token:
-            self._reject(peer, "", "missing bearer token")
+            self._auth_failed(host, peer, "missing bearer token")
             raise ConnectionDeny(401, "bearer token required")
         found: AgentAuth | None = None
         for agent in self.config.agents:
             if agent.token_matches(token) and found is None:
                 found = agent
         if found is None:
-            self._reject(peer, "", "bad token")
+            self._auth_failed(host, peer, "bad token")
             raise ConnectionDeny(403, "token refused")
+        if found.cert_identity is not None and not certificate_names(
+            certificate, found.cert_identity
+        ):
+            self._auth_failed(host, peer, f"client certificate does not name {found.id}")
+            raise ConnectionDeny(403, "client certificate refused")
+        self._throttle.succeeded(host)
         return found
+
+    def _auth_failed(self, host: str, peer: str, reason: str) -> None:
+        self._reject(peer, "", reason)
+        self._throttle.failed(host, self.clock.seconds())
 
     def tunnel_ready(self, tunnel: HubTunnelProtocol, hello: wire.Hello) -> None:
         auth: AgentAuth = tunnel.auth
@@ -286,7 +344,13 @@ class HubService(MultiService):
             raise Rejected(f"not authorized for connectors {','.join(undeclared)}")
         if not hello.connectors:
             raise Rejected("HELLO declares no connectors")
-        connectors = tuple(dict.fromkeys(c for c in hello.connectors if c in self.config.connectors()))
+        connectors = tuple(
+            dict.fromkeys(c for c in hello.connectors if c in self.config.connectors())
+        )
+        if auth.exclusive:
+            for other in self.registry.all_tunnels():
+                if other is not tunnel and self._tunnel_agents.get(id(other), ("",))[0] == auth.id:
+                    other.close("replaced by a newer tunnel of the same agent")
         self.registry.add(tunnel, connectors)
         self._tunnel_agents[id(tunnel)] = (auth.id, connectors)
         self.metrics.child(self.metrics.tunnel_connects, auth.id).inc()

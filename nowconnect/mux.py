@@ -232,11 +232,11 @@ class Mux:
         early, stream.early_data = stream.early_data, []
         for data in early:
             self._deliver(stream, local, data)
+        if self._link_paused or self._over_budget:
+            self._set_reading(stream, local)
         if stream.inbound is Half.FINISHED:
             local.write_eof()
             self._maybe_finished(stream)
-        elif self._link_paused or self._over_budget:
-            self._set_reading(stream, local)
         return True
 
     def reject(self, stream_id: int, code: ResetCode, reason: str = "") -> None:

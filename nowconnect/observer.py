@@ -16,10 +16,13 @@ from nowconnect.stream import Stream
 class StreamObserver:
     """Turns stream events into metrics and connection log lines (hub and agent alike)."""
 
-    def __init__(self, metrics: Metrics, clock: Any, log: Logger) -> None:
+    def __init__(self, metrics: Metrics, clock: Any, log: Logger, *, hub: bool) -> None:
         self._m = metrics
         self._clock = clock
         self._log = log
+        # A stream "sends" what its local socket reads: the client's bytes (c2a) on the hub,
+        # the target's (a2c) on the agent.  Logs name directions as metrics do.
+        self._hub = hub
 
     def stream_opened(self, stream: Stream) -> None:
         m = self._m
@@ -53,7 +56,9 @@ class StreamObserver:
             "connector={connector} client={client} stream={stream} c2a={c2a} a2c={a2c} "
             "outcome={outcome} duration={duration:.3f}",
             connector=stream.connector, client=stream.client, stream=stream.stream_id,
-            c2a=stream.sent_bytes, a2c=stream.received_bytes, outcome=outcome,
+            c2a=stream.sent_bytes if self._hub else stream.received_bytes,
+            a2c=stream.received_bytes if self._hub else stream.sent_bytes,
+            outcome=outcome,
             duration=max(0.0, self._clock.seconds() - stream.opened_at),
         )
 

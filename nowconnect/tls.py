@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from twisted.internet.ssl import (
     Certificate,
+    CertificateOptions,
     PrivateCertificate,
     optionsForClientTLS,
     platformTrust,
@@ -39,3 +44,32 @@ def agent_tls_options(config: AgentConfig) -> object:
             _read(config.client_cert) + b"\n" + _read(config.client_key)
         )
     return optionsForClientTLS(hostname, trustRoot=trust, clientCertificate=client)
+
+
+def hub_tls_options(cert: str, key: str, client_ca: str | None) -> CertificateOptions:
+    """
+    Server TLS for the hub's port.  With C{client_ca}, a client certificate signed by it is
+    mandatory: the handshake fails without one, before any HTTP.
+    """
+    private = PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key))
+    if client_ca is None:
+        return private.options()
+    return private.options(Certificate.loadPEM(_read(client_ca)))
+
+
+def certificate_names(certificate: Any, identity: str) -> bool:
+    """
+    Does the peer certificate (pyOpenSSL X509, or None) name C{identity}: a DNS name in its
+    subjectAltName, or else its subject CN?  Compared case-insensitively, no wildcards.
+    """
+    if certificate is None:
+        return False
+    cert = certificate.to_cryptography()
+    wanted = identity.lower()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = [str(a.value).lower()
+                 for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return wanted in names

@@ -143,7 +143,7 @@ class HubHost(Protocol):
     max_pending: int
     handshake_timeout: float
 
-    def authenticate(self, authorization: str | None, peer: str) -> Any: ...
+    def authenticate(self, authorization: str | None, peer: str, certificate: Any) -> Any: ...
 
     def tunnel_ready(self, tunnel: HubTunnelProtocol, hello: wire.Hello) -> None: ...
 
@@ -172,7 +172,7 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):
             raise ConnectionDeny(400, f"subprotocol {wire.SUBPROTOCOL} required")
         try:
             self.auth = self.factory.host.authenticate(
-                request.headers.get("authorization"), self.peer_text
+                request.headers.get("authorization"), self.peer_text, _peer_certificate(self.transport)
             )
         except ConnectionDeny:
             raise
@@ -433,3 +433,14 @@ def _peer_text(transport: Any) -> str:
         return f"{peer.host}:{peer.port}"
     except Exception:
         return "unknown"
+
+
+def _peer_certificate(transport: Any) -> Any:
+    """The TLS client certificate of the tunnel's connection, or None (plain TCP, none sent)."""
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except Exception:
+        return None

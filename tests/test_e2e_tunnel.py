@@ -347,9 +347,6 @@ def test_counters_exact_deltas_for_a_known_transfer(up: Deployment) -> None:
         (len(payload), len(reply), "fin")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: observer.py stream_ended logs c2a=stream.sent_bytes, a2c=stream.received_bytes; "
-    "on the agent sent_bytes is the a2c direction, so the agent's connection_closed swaps them"))
 def test_agent_connection_closed_log_uses_the_same_directions(up: Deployment) -> None:
     """
     The agent's connection_closed line names directions like the hub's and the metrics:
