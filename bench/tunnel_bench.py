@@ -212,6 +212,29 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
+def machine_busy() -> float:
+    """CPU seconds all CPUs spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+
+
+def wait_quiet(limit: float, threshold: float = 0.15, window: float = 0.5) -> float:
+    """
+    Wait (up to C{limit} seconds) for a C{window} in which the whole machine used less than
+    C{threshold} of one core: other work on a 2-core box skews every figure.  Call it while our
+    own processes are idle.  Returns the seconds waited.
+    """
+    if limit <= 0:
+        return 0.0
+    t0 = time.monotonic()
+    while True:
+        b0 = machine_busy()
+        time.sleep(window)
+        if (machine_busy() - b0) / window < threshold or time.monotonic() - t0 >= limit:
+            return round(time.monotonic() - t0, 1)
+
+
 def self_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -227,6 +250,8 @@ class Meter:
         self.hwm_reset = all(reset_peak_rss(pid) for pid in self.procs.values())
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.procs.items()}
         self.client0 = self_cpu()
+        self.machine0 = machine_busy()
+        self.t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -245,6 +270,11 @@ class Meter:
                 "rss_kib": status_kib(pid, "VmRSS"),
             }
         out["client"] = {"cpu_s": round(self_cpu() - self.client0, 3)}
+        # Whatever else ran on the machine meanwhile (other users, kernel threads).
+        ours = sum(v["cpu_s"] for v in out.values())
+        foreign = max(0.0, machine_busy() - self.machine0 - ours)
+        out["foreign"] = {"cpu_s": round(foreign, 3),
+                          "pct_of_core": round(100 * foreign / (time.monotonic() - self.t0), 1)}
         out["peak_rss_is_per_phase"] = self.hwm_reset
         return out
 
@@ -661,6 +691,9 @@ class Rig:
 # Profiling (optional): py-spy on the hub and the agent during chosen tunnel measurements
 # --------------------------------------------------------------------------------------------
 
+#: Seconds one benchmark run may spend in all waiting for other work on the machine to stop.
+QUIET_BUDGET = 60
+
 PROFILED = ("rtt_1conn", "connrate_sequential", "connrate_parallel", "bulk_c2a_1", "bulk_a2c_1")
 
 
@@ -848,6 +881,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         profiler = Profiler(outdir, pyspy, args.profile_rate)
     results: dict[str, Any] = {}
     overall_peak: dict[str, int] = {}
+    waited = {"s": 0.0}
     repeat = args.repeat or (1 if args.quick else 3)
     t_start = time.monotonic()
     try:
@@ -868,6 +902,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            units: Callable[[dict[str, Any]], dict[str, Any]],
                            profile: bool) -> dict[str, Any]:
             wait_idle(tunnel_pids)
+            waited["s"] += wait_quiet(min(args.wait_quiet, QUIET_BUDGET - waited["s"]))
             if profile:
                 assert profiler is not None
                 profiler.start(name, pids)
@@ -898,6 +933,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any]]] = {"direct": [], "tunnel": []}
             for i in range(repeat):
                 wait_idle(tunnel_pids)
+                waited["s"] += wait_quiet(min(args.wait_quiet, QUIET_BUDGET - waited["s"]))
                 with Meter({"target": pids["target"]}) as meter:
                     direct = fn(rig.target_ports[service])
                     direct["procs"] = meter.finish()
@@ -969,6 +1005,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": round(time.monotonic() - t_start, 1),
         "results": results,
         "repeat": repeat,
+        "waited_for_quiet_s": round(waited["s"], 1),
         "peak_rss_kib": overall_peak,
         "rss_kib_final": rss_final,
         "workdir": str(workdir),
@@ -1059,20 +1096,25 @@ def render(out: dict[str, Any]) -> str:
     lines += ["", "Tunnel cost (hub and agent processes, user+sys from /proc/PID/stat; "
               "% = share of one core during the measurement; peak RSS over the measurement):", "",
               "| Measurement | Unit | Hub CPU | Agent CPU | Hub % core | Agent % core "
-              "| Client+target % core | Hub peak RSS | Agent peak RSS |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Client+target % core | Other load % core | Hub peak RSS | Agent peak RSS |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, unit, label in COST_ROWS:
         if name not in res:
             continue
         t = res[name]["tunnel"]
         hub, agent = t["procs"]["hub"], t["procs"]["agent"]
         other = 100 * (t["procs"]["target"]["cpu_s"] + t["procs"]["client"]["cpu_s"]) / t["seconds"]
+        foreign = t["procs"]["foreign"]["pct_of_core"]
         lines.append(
             f"| {label} | {UNIT_LABEL[unit]} | {hub['cpu_per_unit'][unit]} "
             f"| {agent['cpu_per_unit'][unit]} | {hub['cpu_pct_of_core']} "
-            f"| {agent['cpu_pct_of_core']} | {other:.0f} "
+            f"| {agent['cpu_pct_of_core']} | {other:.0f} | {foreign:.0f} "
             f"| {hub['peak_rss_kib'] / 1024:.1f} MiB | {agent['peak_rss_kib'] / 1024:.1f} MiB |")
     m = out["machine"]
+    foreign = [(r["tunnel"]["procs"]["foreign"]["pct_of_core"], name) for name, r in res.items()]
+    if foreign and max(foreign)[0] >= 10:
+        lines += ["", f"WARNING: other processes used up to {max(foreign)[0]:.0f}% of a core "
+                  f"during a tunnel run ({max(foreign)[1]}): figures are skewed."]
     lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
               f"Python {m['python']}, Twisted {m['twisted']}, Autobahn {m['autobahn']}, "
               f"nowconnect {m['nowconnect']} @ {m['commit'] or '?'}; wall time "
@@ -1108,6 +1150,10 @@ def main() -> None:
                         + " (tunnel side) and summarise hot spots; perturbs the figures")
     parser.add_argument("--repeat", type=int, default=0,
                         help="runs of each measurement, median reported (default 3, --quick 1)")
+    parser.add_argument("--wait-quiet", type=float, default=10.0, metavar="SECONDS",
+                        help="before each run wait up to this long (at most %d s in all) for "
+                        "the machine to be idle (default %%(default)s; 0: don't wait)"
+                        % QUIET_BUDGET)
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--twistd", default=shutil.which("twistd", path=os.path.dirname(
         sys.executable)) or shutil.which("twistd") or "twistd", help="twistd executable")

@@ -51,7 +51,7 @@ class TargetRelay(StreamRelay):
 
 
 class TargetFactory(Factory):
-    protocol = TargetRelay
+    protocol = TargetRelay  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, mux: Mux, stream_id: int) -> None:
@@ -148,10 +148,11 @@ class AgentService(MultiService):
                       advice="use wss:// so the token and traffic are encrypted")
         MultiService.startService(self)
 
-    def _prepare(self, tunnel: AgentTunnelProtocol) -> Deferred[Any]:
+    def _prepare(self, tunnel: Any) -> Deferred[Any]:
         def ready(p: AgentTunnelProtocol) -> AgentTunnelProtocol:
             self.tunnel = tunnel
-            logs.emit(_log, "info", logs.TUNNEL_OPEN, "url={url} agent_id={agent_id} connectors={connectors}",
+            logs.emit(_log, "info", logs.TUNNEL_OPEN,
+                      "url={url} agent_id={agent_id} connectors={connectors}",
                       text=logs.TUNNEL_OPEN_TEXT, url=_safe_url(self.config.hub_url),
                       agent_id=self.config.agent_id, connectors=list(self.config.connectors()))
             return p

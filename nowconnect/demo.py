@@ -42,11 +42,13 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any, NoReturn, TextIO
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -55,9 +57,9 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     PredicateResult,
     eventAsText,
     globalLogBeginner,
@@ -134,6 +136,7 @@ class _Echo(Protocol):
     """The demo's target: writes back what it reads; closes on EOF."""
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(data)
 
 
@@ -169,9 +172,11 @@ class _PingPong(Protocol):
         self._buffer = b""
         self._started = self._clock.seconds()
         self.bytes_sent += len(self._expect)
+        assert self.transport is not None
         self.transport.write(self._expect)
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         self.bytes_received += len(data)
         self._buffer += data
         if len(self._buffer) < len(self._expect):
@@ -221,7 +226,9 @@ class DemoStack:
         if self.options.target is not None:
             return self.options.target
         assert self.echo_port is not None
-        return HOST, self.echo_port.getHost().port
+        addr = self.echo_port.getHost()
+        assert isinstance(addr, IPv4Address)
+        return HOST, addr.port
 
     async def start(self) -> None:
         from nowconnect.hub import make_hub_service
@@ -288,7 +295,7 @@ class DemoStack:
         if self.hub is not None:
             await self.hub.stopService()
         if self.echo_port is not None:
-            await self.echo_port.stopListening()
+            await maybeDeferred(self.echo_port.stopListening)
 
     async def wait_registered(self) -> float:
         """Seconds until the hub has an agent for the connector (polled, 50 ms)."""
@@ -347,7 +354,8 @@ class _Report:
         self._out.flush()
 
 
-async def _self_check(stack: DemoStack, say: _Report, stage: list[str]) -> bool:
+async def _self_check(stack: DemoStack, say: Callable[[str], object],
+                      stage: list[str]) -> bool:
     stage[0] = "waiting for the agent to register"
     took = await stack.wait_registered()
     say(f'agent registered for connector "{CONNECTOR}" after {took:.2f} s')
@@ -377,6 +385,24 @@ async def _self_check(stack: DemoStack, say: _Report, stage: list[str]) -> bool:
     return ok
 
 
+async def run_self_check(stack: DemoStack, say: Callable[[str], object],
+                         timeout: float = CHECK_TIMEOUT) -> bool:
+    """
+    The demo's self-check within C{timeout} seconds: True on PASS.  Every outcome ends with
+    one C{PASS:} or C{FAIL:} line from C{say}; a FAIL names the reason and the stage.
+    """
+    stage = ["starting"]
+    d = Deferred.fromCoroutine(_self_check(stack, say, stage))
+    d.addTimeout(timeout, stack.reactor)
+    try:
+        return await d
+    except Exception as e:
+        reason = (f"no result within {timeout:g} s" if isinstance(e, defer.TimeoutError)
+                  else str(e) or type(e).__name__)
+        say(f"FAIL: {reason} (while {stage[0]}; see the log lines on stderr)")
+        return False
+
+
 async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
     say = _Report(out)
     stack = DemoStack(reactor, options)
@@ -387,26 +413,17 @@ async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
         raise SystemExit(1) from None
     reactor.addSystemEventTrigger("before", "shutdown", stack.stop)
     host, port = stack.target
-    say(f"nowconnect demo: hub{'' if options.no_agent else ', agent'} and target in one "
-        f"process on {HOST}")
+    target = "echo target" if options.target is None else "target"
+    parts = "hub and " + target if options.no_agent else "hub, agent and " + target
+    say(f"nowconnect demo: {parts} in one process on {HOST}")
     say(f"  web       {stack.web_url}  (/healthz /readyz /metrics; agents dial "
         f"ws://{HOST}:{stack.web_port}/tunnel)")
-    target = "echo target" if options.target is None else "target"
     via = "(no agent)" if options.no_agent else "agent"
     say(f'  listener  {HOST}:{stack.listener_port}  (connector "{CONNECTOR}" -> {via} -> '
         f"{target} {host}:{port})")
     ok = True
     if options.self_check:
-        stage = ["starting"]
-        d = Deferred.fromCoroutine(_self_check(stack, say, stage))
-        d.addTimeout(CHECK_TIMEOUT, reactor)
-        try:
-            ok = await d
-        except Exception as e:
-            reason = (f"no result within {CHECK_TIMEOUT:g} s" if isinstance(e, defer.TimeoutError)
-                      else str(e) or type(e).__name__)
-            say(f"FAIL: {reason} (while {stage[0]}; see the log lines on stderr)")
-            ok = False
+        ok = await run_self_check(stack, say)
     else:
         say("self-check skipped (--no-agent, --target or --allow-cidr): try nowconnect check")
     if options.once:

@@ -6,11 +6,11 @@ and reports the real port, and the client endpoint for a hub URL.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -76,7 +76,8 @@ class ListenerService(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)
+        d = port.stopListening()
+        return d if d is not None else succeed(None)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -98,7 +99,7 @@ def listen_service(
 def hub_client_endpoint(
     reactor: object,
     hub_url: str,
-    tls_options: object | None = None,
+    tls_options: Any = None,
     timeout: float = 30,
 ) -> IStreamClientEndpoint:
     """

@@ -6,7 +6,7 @@ assembles them with the web port.
 
 from __future__ import annotations
 
-import hmac
+import functools
 from collections import OrderedDict
 from typing import Any
 
@@ -24,11 +24,11 @@ from nowconnect import logs, wire
 from nowconnect.config import AgentAuth, HubConfig, ListenerConfig
 from nowconnect.endpoints import ListenerService, listen_service, tcp_endpoint_string
 from nowconnect.metrics import Metrics
-from nowconnect.relay import StreamRelay
 from nowconnect.observer import StreamObserver
+from nowconnect.relay import StreamRelay
 from nowconnect.stream import Phase
-from nowconnect.tls import certificate_names, hub_tls_options
 from nowconnect.throttle import AuthThrottle
+from nowconnect.tls import certificate_names, hub_tls_options
 from nowconnect.tunnel import HubTunnelFactory, HubTunnelProtocol, Rejected
 from nowconnect.web import WebApp
 
@@ -144,7 +144,7 @@ class ClientRelay(TimeoutMixin, StreamRelay):
         self._open_timer = hub.clock.callLater(hub.config.limits.open_timeout, self._open_timeout)
         idle = hub.config.limits.idle_timeout
         if idle > 0:
-            self.callLater = hub.clock.callLater
+            self.callLater = hub.clock.callLater  # type: ignore[method-assign]
             self.setTimeout(idle)
 
     def dataReceived(self, data: bytes) -> None:
@@ -186,7 +186,7 @@ class ClientRelay(TimeoutMixin, StreamRelay):
 
 
 class ClientFactory(Factory):
-    protocol = ClientRelay
+    protocol = ClientRelay  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, hub: HubService, listener: ListenerConfig) -> None:
@@ -247,7 +247,7 @@ class HubService(MultiService):
                 f"{listener.bind}:{listener.port}",
                 tcp_endpoint_string(listener.bind, listener.port),
                 ClientFactory(self, listener),
-                lambda port, listener=listener: self._listener_started(listener, port),
+                functools.partial(self._listener_started, listener),
             )
             svc.setServiceParent(self)
             self.listeners.append(svc)
@@ -266,8 +266,10 @@ class HubService(MultiService):
         logs.emit(
             _log, "info", logs.LISTENER_STARTED,
             "connector={connector} bind={bind} port={port} allow_cidrs={allow_cidrs}",
-            connector=listener.connector, bind=listener.bind, port=addr.port,
-            allow_cidrs="any" if listener.allow_all else ",".join(str(n) for n in listener.allow_cidrs),
+            connector=listener.connector, bind=listener.bind, port=getattr(addr, "port", 0),
+            allow_cidrs=(
+                "any" if listener.allow_all else ",".join(str(n) for n in listener.allow_cidrs)
+            ),
         )
 
     # -- policy --------------------------------------------------------------------------------
@@ -376,7 +378,8 @@ class HubService(MultiService):
 
     def _reject(self, peer: str, agent_id: str, reason: str) -> None:
         self.metrics.child(self.metrics.agent_rejections, _reason_label(reason)).inc()
-        logs.emit(_log, "warn", logs.AGENT_REJECTED, "peer={peer} agent_id={agent_id} reason={reason}",
+        logs.emit(_log, "warn", logs.AGENT_REJECTED,
+                  "peer={peer} agent_id={agent_id} reason={reason}",
                   peer=peer, agent_id=agent_id, reason=reason)
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -437,7 +440,9 @@ def _reason_label(reason: str) -> str:
     return "closed" if reason in ("", "closed") else "other"
 
 
-def make_hub_service(config: HubConfig, reactor: Any = None, metrics: Metrics | None = None) -> HubService:
+def make_hub_service(
+    config: HubConfig, reactor: Any = None, metrics: Metrics | None = None
+) -> HubService:
     """Assemble a hub from config; C{reactor=None} means the global reactor."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor

@@ -13,6 +13,7 @@ from nowconnect import logs
 from nowconnect.metrics import Metrics
 from nowconnect.stream import Stream
 
+
 class StreamObserver:
     """Turns stream events into metrics and connection log lines (hub and agent alike)."""
 
@@ -29,7 +30,8 @@ class StreamObserver:
         m.child(m.connections, stream.connector).inc()
         m.child(m.active, stream.connector).inc()
         logs.emit(
-            self._log, "info", logs.CONNECTION_OPEN, "connector={connector} client={client} stream={stream}",
+            self._log, "info", logs.CONNECTION_OPEN,
+            "connector={connector} client={client} stream={stream}",
             connector=stream.connector, client=stream.client, stream=stream.stream_id,
         )
 

@@ -11,7 +11,7 @@ transport's reading when the stream's send credit is spent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
@@ -31,6 +31,8 @@ MAX_READ = 262144
 class StreamRelay(Protocol):
     """One local socket carried as one stream."""
 
+    #: A TCP transport: ITCPTransport, IHalfCloseableDescriptor, IPushProducer and IConsumer.
+    transport: Any
     mux: Mux | None = None
     stream_id: int = 0
 
@@ -76,7 +78,7 @@ class StreamRelay(Protocol):
         transport = self.transport
         size = getattr(transport, "bufferSize", MAX_READ)
         if len(data) >= size and size < MAX_READ:
-            transport.bufferSize = size * 2  # type: ignore[attr-defined]
+            transport.bufferSize = size * 2
 
     def readConnectionLost(self) -> None:
         if self.mux is not None:

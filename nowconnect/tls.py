@@ -7,9 +7,8 @@ TLS side is a Twisted endpoint string (C{ssl:...}) in its C{listen} key.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID

@@ -137,11 +137,13 @@ class HubHost(Protocol):
     """What the hub's tunnel protocol needs from the hub."""
 
     clock: Any
-    observer: MuxObserver
     initial_window: int
     max_frame: int
     max_pending: int
     handshake_timeout: float
+
+    @property
+    def observer(self) -> MuxObserver: ...
 
     def authenticate(self, authorization: str | None, peer: str, certificate: Any) -> Any: ...
 
@@ -152,7 +154,7 @@ class HubHost(Protocol):
     def tunnel_rejected(self, peer: str, agent_id: str, reason: str) -> None: ...
 
 
-class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):
+class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[misc]
     """The hub's end: authenticates the upgrade, waits for HELLO, then runs the mux."""
 
     factory: HubTunnelFactory
@@ -172,13 +174,15 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):
             raise ConnectionDeny(400, f"subprotocol {wire.SUBPROTOCOL} required")
         try:
             self.auth = self.factory.host.authenticate(
-                request.headers.get("authorization"), self.peer_text, _peer_certificate(self.transport)
+                request.headers.get("authorization"),
+                self.peer_text,
+                _peer_certificate(self.transport),
             )
         except ConnectionDeny:
             raise
         except Exception:
             self._log.failure("tunnel_error during authentication", event=logs.TUNNEL_ERROR)
-            raise ConnectionDeny(500, "internal error")
+            raise ConnectionDeny(500, "internal error") from None
         return wire.SUBPROTOCOL
 
     def onOpen(self) -> None:
@@ -260,7 +264,7 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):
 
 
 class HubTunnelFactory(WebSocketServerFactory):
-    protocol = HubTunnelProtocol
+    protocol = HubTunnelProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, host: HubHost, ping_interval: float, ping_timeout: float) -> None:
@@ -273,7 +277,7 @@ class HubTunnelFactory(WebSocketServerFactory):
                                 requireMaskedClientFrames=True)
 
 
-class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):
+class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignore[misc]
     """
     The agent's end: sends HELLO, waits for WELCOME, then runs the mux.  L{when_ready} fires
     once the hub has welcomed us (ClientService's prepareConnection), or fails if the tunnel
@@ -380,7 +384,7 @@ class AgentHost(Protocol):
 
 
 class AgentTunnelFactory(WebSocketClientFactory):
-    protocol = AgentTunnelProtocol
+    protocol = AgentTunnelProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(
@@ -414,7 +418,9 @@ class AgentTunnelFactory(WebSocketClientFactory):
         self.max_pending = max_pending
         self._host = host
         _common_options(self, 64 * 1024 * 1024, ping_interval, ping_timeout)
-        self.setProtocolOptions(openHandshakeTimeout=handshake_timeout, maskClientFrames=mask_frames)
+        self.setProtocolOptions(
+            openHandshakeTimeout=handshake_timeout, maskClientFrames=mask_frames
+        )
 
     def __repr__(self) -> str:
         # Autobahn's default repr would include the headers, and so the token.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from klein import Klein
 from twisted.web.iweb import IRequest
@@ -95,7 +95,7 @@ class WebApp:
             return _json(request, 404, {"error": "no tunnel here"})
         # The upgraded connection is the tunnel's now: Twisted Web's idle timeout must not
         # fire on a transport it handed over.
-        request.channel.setTimeout(None)
+        cast(Any, request).channel.setTimeout(None)
         return self._tunnel
 
     @app.handle_errors(Exception)

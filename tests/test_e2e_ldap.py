@@ -23,14 +23,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ldap3  # the "test" extra; missing, this module errors instead of skipping
 import pytest
-
 from harness import Deployment
+from ldap3 import BASE, SUBTREE, Connection, Server, Tls
+from ldap3.core.exceptions import LDAPException
 from slapd import ADMIN_DN, ADMIN_PASSWORD, BASE_DN, BULK_ENTRIES, Slapd
-
-ldap3 = pytest.importorskip("ldap3")
-from ldap3 import BASE, SUBTREE, Connection, Server, Tls  # noqa: E402
-from ldap3.core.exceptions import LDAPException  # noqa: E402
 
 #: Every ldap3 socket read gives up after this long, so a stuck stream fails instead of hanging.
 RECEIVE_TIMEOUT = 5  # whole seconds: ldap3 packs it into SO_RCVTIMEO
@@ -477,7 +475,7 @@ def test_agent_restart_during_searches(deployment: Deployment, sig: int) -> None
 
     errors = [o for o in loop.outcomes if o[2] == "error"]
     assert errors, "no operation failed: the agent was never really down"
-    for t0, seconds, _, info in errors:
+    for _, seconds, _, info in errors:
         # A clean failure: the hub reset/closed the socket; not ldap3's receive timeout.
         assert seconds < RECEIVE_TIMEOUT - 1, f"slow failure ({seconds:.2f}s): {info}"
         assert "timed out" not in info and "timeout" not in info.lower(), info
