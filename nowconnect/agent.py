@@ -79,7 +79,12 @@ class _AnnouncingEndpoint:
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         logs.emit(_log, "info", logs.CONNECTING_TO_CLOUD, "url={url}",
                   text=logs.CONNECTING_TO_CLOUD_TEXT, url=self._url)
-        return self._endpoint.connect(factory)
+        return self._endpoint.connect(factory).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        logs.emit(_log, "warn", logs.AGENT_TUNNEL_FAILED, "url={url} reason={reason}",
+                  url=self._url, reason=failure.getErrorMessage())
+        return failure
 
 
 class AgentService(MultiService):
@@ -102,6 +107,11 @@ class AgentService(MultiService):
         self.observer = StreamObserver(self.metrics, reactor, _log, hub=False)
         self.tunnel: AgentTunnelProtocol | None = None
         self._draining = False
+        #: Tunnels that connected but closed before the hub's WELCOME (refused token, TLS
+        #: verification, HELLO refused...).  ClientService resets its own count on every TCP
+        #: connect, so without this a hub that refuses us would be retried at the initial delay
+        #: forever instead of backing off.
+        self._handshake_failures = 0
         for target in config.targets:
             self.metrics.declare_connector(target.connector)
 
@@ -121,22 +131,25 @@ class AgentService(MultiService):
             hub_client_endpoint(reactor, config.hub_url, tls_options, config.connect_timeout),
             _safe_url(config.hub_url),
         )
+        policy = backoffPolicy(
+            initialDelay=config.reconnect_initial_delay,
+            maxDelay=config.reconnect_max_delay,
+            jitter=random.random,
+        )
+        # No prepareConnection: Twisted's ClientService has no transition for a connection
+        # lost while prepareConnection is pending (NoTransition raised out of connectionLost),
+        # which is exactly what a refused handshake is.  Readiness is tracked here instead.
         self.client = ClientService(
             endpoint,
             self.tunnel_factory,
-            retryPolicy=backoffPolicy(
-                initialDelay=config.reconnect_initial_delay,
-                maxDelay=config.reconnect_max_delay,
-                jitter=random.random,
-            ),
+            retryPolicy=lambda attempt: policy(max(attempt, self._handshake_failures)),
             clock=reactor,
-            prepareConnection=self._prepare,
         )
         self.client.setServiceParent(self)
         if config.metrics_listen:
             web = WebApp(self.metrics, unready=self._unready)
             listen_service(reactor, f"{config.source}: metrics_listen: {config.metrics_listen}",
-                           config.metrics_listen, web.site()).setServiceParent(self)
+                           config.metrics_listen, web.site(reactor)).setServiceParent(self)
 
     def startService(self) -> None:
         for warning in self.config.warnings:
@@ -148,26 +161,18 @@ class AgentService(MultiService):
                       advice="use wss:// so the token and traffic are encrypted")
         MultiService.startService(self)
 
-    def _prepare(self, tunnel: Any) -> Deferred[Any]:
-        def ready(p: AgentTunnelProtocol) -> AgentTunnelProtocol:
-            self.tunnel = tunnel
-            logs.emit(_log, "info", logs.TUNNEL_OPEN,
-                      "url={url} agent_id={agent_id} connectors={connectors}",
-                      text=logs.TUNNEL_OPEN_TEXT, url=_safe_url(self.config.hub_url),
-                      agent_id=self.config.agent_id, connectors=list(self.config.connectors()))
-            return p
-
-        def failed(f: Failure) -> Failure:
-            logs.emit(_log, "warn", logs.AGENT_TUNNEL_FAILED, "url={url} reason={reason}",
-                      url=_safe_url(self.config.hub_url), reason=f.getErrorMessage())
-            return f
-
-        return tunnel.when_ready().addCallbacks(ready, failed)
-
     def _unready(self) -> list[str]:
         return [] if self.tunnel is not None else list(self.config.connectors())
 
     # -- AgentHost -----------------------------------------------------------------------------
+
+    def tunnel_ready(self, tunnel: AgentTunnelProtocol) -> None:
+        self.tunnel = tunnel
+        self._handshake_failures = 0
+        logs.emit(_log, "info", logs.TUNNEL_OPEN,
+                  "url={url} agent_id={agent_id} connectors={connectors}",
+                  text=logs.TUNNEL_OPEN_TEXT, url=_safe_url(self.config.hub_url),
+                  agent_id=self.config.agent_id, connectors=list(self.config.connectors()))
 
     def tunnel_closed(self, tunnel: AgentTunnelProtocol, reason: str, was_ready: bool) -> None:
         if self.tunnel is tunnel:
@@ -176,6 +181,10 @@ class AgentService(MultiService):
             logs.emit(_log, "warn" if self.running else "info", logs.AGENT_TUNNEL_LOST,
                       "url={url} reason={reason}", url=_safe_url(self.config.hub_url),
                       reason=reason)
+        else:
+            self._handshake_failures += 1
+            logs.emit(_log, "warn", logs.AGENT_TUNNEL_FAILED, "url={url} reason={reason}",
+                      url=_safe_url(self.config.hub_url), reason=reason)
 
     def acceptor_for(self, tunnel: AgentTunnelProtocol) -> Acceptor:
         def accept(stream_id: int, connector: str, client: str) -> None:
@@ -224,7 +233,8 @@ class AgentService(MultiService):
         if tunnel is not None:
             closed = tunnel.when_closed()
             tunnel.close("agent stopping")
-            yield _either(closed, _sleep(self.clock, 3))
+            closed.addTimeout(3, self.clock)
+            yield closed.addErrback(lambda f: None)
         logs.emit(_log, "info", logs.DRAIN_FINISHED, "reset={reset}", reset=left)
         yield MultiService.stopService(self)
 
@@ -233,12 +243,6 @@ def _sleep(clock: Any, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     clock.callLater(seconds, d.callback, None)
     return d
-
-
-def _either(a: Deferred[Any], b: Deferred[Any]) -> Deferred[Any]:
-    from twisted.internet.defer import DeferredList
-
-    return DeferredList([a, b], fireOnOneCallback=True, consumeErrors=True)
 
 
 def _is_loopback(host: str) -> bool:

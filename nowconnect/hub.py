@@ -231,7 +231,7 @@ class HubService(MultiService):
             tunnel=WebSocketResource(tunnel_factory),
             metrics_allow=config.metrics_allow_cidrs,
         )
-        site: Any = web.site()
+        site: Any = web.site(reactor)
         if config.tls_cert is not None and config.tls_key is not None:
             site = TLSMemoryBIOFactory(
                 hub_tls_options(config.tls_cert, config.tls_key, config.client_ca), False, site
@@ -306,7 +306,8 @@ class HubService(MultiService):
         if wait > 0:
             self.metrics.child(self.metrics.limit_hits, "auth_failures").inc()
             if self._throttle.should_log_block(host):
-                self._reject(peer, "", f"rate limited for {wait:.0f}s after repeated failures")
+                self._reject(peer, "", f"rate limited for {wait:.0f}s after repeated failures",
+                             "rate_limited")
             raise ConnectionDeny(429, "too many failed attempts; retry later")
         token = ""
         if authorization:
@@ -314,38 +315,41 @@ class HubService(MultiService):
             if scheme.lower() == "bearer":
                 token = value.strip()
         if not token:
-            self._auth_failed(host, peer, "missing bearer token")
+            self._auth_failed(host, peer, "missing bearer token", "missing_token")
             raise ConnectionDeny(401, "bearer token required")
         found: AgentAuth | None = None
         for agent in self.config.agents:
             if agent.token_matches(token) and found is None:
                 found = agent
         if found is None:
-            self._auth_failed(host, peer, "bad token")
+            self._auth_failed(host, peer, "bad token", "bad_token")
             raise ConnectionDeny(403, "token refused")
         if found.cert_identity is not None and not certificate_names(
             certificate, found.cert_identity
         ):
-            self._auth_failed(host, peer, f"client certificate does not name {found.id}")
+            self._auth_failed(host, peer, f"client certificate does not name {found.id}",
+                              "certificate_mismatch")
             raise ConnectionDeny(403, "client certificate refused")
         self._throttle.succeeded(host)
         return found
 
-    def _auth_failed(self, host: str, peer: str, reason: str) -> None:
-        self._reject(peer, "", reason)
+    def _auth_failed(self, host: str, peer: str, reason: str, label: str) -> None:
+        self._reject(peer, "", reason, label)
         self._throttle.failed(host, self.clock.seconds())
 
     def tunnel_ready(self, tunnel: HubTunnelProtocol, hello: wire.Hello) -> None:
         auth: AgentAuth = tunnel.auth
         if hello.agent_id != auth.id:
-            raise Rejected(f"agent id {hello.agent_id!r} does not match its token")
+            raise Rejected(f"agent id {hello.agent_id!r} does not match its token",
+                           "agent_id_mismatch")
         if hello.protocol != wire.PROTOCOL_VERSION:
-            raise Rejected(f"unsupported protocol version {hello.protocol}")
+            raise Rejected(f"unsupported protocol version {hello.protocol}", "bad_version")
         undeclared = sorted(set(hello.connectors) - set(auth.connectors))
         if undeclared:
-            raise Rejected(f"not authorized for connectors {','.join(undeclared)}")
+            raise Rejected(f"not authorized for connectors {','.join(undeclared)}",
+                           "unauthorized_connector")
         if not hello.connectors:
-            raise Rejected("HELLO declares no connectors")
+            raise Rejected("HELLO declares no connectors", "no_connectors")
         connectors = tuple(
             dict.fromkeys(c for c in hello.connectors if c in self.config.connectors())
         )
@@ -363,21 +367,21 @@ class HubService(MultiService):
             version=hello.version,
         )
 
-    def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str) -> None:
+    def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str, label: str) -> None:
         agent_id, connectors = self._tunnel_agents.pop(id(tunnel), ("", ()))
         self.registry.remove(tunnel, connectors)
-        self.metrics.child(self.metrics.tunnel_disconnects, agent_id, _reason_label(reason)).inc()
+        self.metrics.child(self.metrics.tunnel_disconnects, agent_id, label).inc()
         logs.emit(
             _log, "info", logs.AGENT_DISCONNECTED,
             "agent_id={agent_id} connectors={connectors} peer={peer} reason={reason}",
             agent_id=agent_id, connectors=list(connectors), peer=tunnel.peer_text, reason=reason,
         )
 
-    def tunnel_rejected(self, peer: str, agent_id: str, reason: str) -> None:
-        self._reject(peer, agent_id, reason)
+    def tunnel_rejected(self, peer: str, agent_id: str, reason: str, label: str) -> None:
+        self._reject(peer, agent_id, reason, label)
 
-    def _reject(self, peer: str, agent_id: str, reason: str) -> None:
-        self.metrics.child(self.metrics.agent_rejections, _reason_label(reason)).inc()
+    def _reject(self, peer: str, agent_id: str, reason: str, label: str) -> None:
+        self.metrics.child(self.metrics.agent_rejections, label).inc()
         logs.emit(_log, "warn", logs.AGENT_REJECTED,
                   "peer={peer} agent_id={agent_id} reason={reason}",
                   peer=peer, agent_id=agent_id, reason=reason)
@@ -416,28 +420,6 @@ def _sleep(clock: Any, seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     clock.callLater(seconds, d.callback, None)
     return d
-
-
-_REASON_LABELS = (
-    ("token", "bad_token"),
-    ("bearer", "missing_token"),
-    ("subprotocol", "bad_subprotocol"),
-    ("HELLO in time", "handshake_timeout"),
-    ("not authorized", "unauthorized_connector"),
-    ("does not match", "agent_id_mismatch"),
-    ("ping timeout", "ping_timeout"),
-    ("protocol", "protocol_error"),
-)
-
-
-def _reason_label(reason: str) -> str:
-    """Map free-text reasons onto a closed label set."""
-    for needle, label in _REASON_LABELS:
-        if needle in reason:
-            return label
-    if reason in ("hub stopping", "agent stopping"):
-        return "shutdown"
-    return "closed" if reason in ("", "closed") else "other"
 
 
 def make_hub_service(

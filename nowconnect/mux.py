@@ -100,7 +100,10 @@ class Mux:
 
     C{max_pending} bounds the bytes this side has sent on all streams together and the peer has
     not yet granted back: past it every local socket stops being read until grants bring the
-    total under half of it.  Per-stream windows bound one stream; this bounds thousands.
+    total under half of it.  Per-stream windows bound one stream; this bounds thousands.  Only
+    what a stream has outstanding beyond the peer's grant threshold (an eighth of the window)
+    counts: below it the peer may rightly hold a grant back forever (an idle LDAP connection
+    that sent a few requests), and counting those remainders would stall a busy tunnel.
     """
 
     def __init__(
@@ -157,7 +160,10 @@ class Mux:
         return self._out_size
 
     def unacknowledged(self) -> int:
-        """Bytes sent on every stream together that the peer has not granted back yet."""
+        """
+        Bytes counted against C{max_pending}: per stream, what is outstanding (sent, not yet
+        granted back) beyond an eighth of the window.
+        """
         return self._pending
 
     # -- output --------------------------------------------------------------------------------
@@ -251,10 +257,11 @@ class Mux:
             return
         stream.last_activity = self._clock.seconds()
         self._observer.bytes_moved(stream, self._local_dir, len(data))
+        before = _counted(stream)
         now = stream.take_sendable(data)
         if now:
             self._emit_data(stream_id, now)
-            self._add_pending(len(now))
+            self._add_pending(_counted(stream) - before)
         self._set_reading(stream, self._locals[stream_id])
 
     def local_eof(self, stream_id: int) -> None:
@@ -415,13 +422,10 @@ class Mux:
             return
         if stream.send_credit + frame.credit > wire.MAX_U32:
             raise ProtocolError(f"WINDOW overflows credit on stream {frame.stream_id}")
-        before = stream.window - stream.send_credit
-        released = 0
+        before = _counted(stream)
         for chunk in stream.grant_received(frame.credit):
             self._emit_data(stream.stream_id, chunk)
-            released += len(chunk)
-        # Credit beyond the window (a generous peer) acknowledges nothing we sent.
-        self._add_pending(released - min(frame.credit, max(0, before)))
+        self._add_pending(_counted(stream) - before)
         if stream.fin_ready():
             self._send_fin(stream)
             return
@@ -496,10 +500,14 @@ class Mux:
     def _end(self, stream: Stream, outcome: str, *, abort_local: bool) -> None:
         del self._streams[stream.stream_id]
         if not self._closed:
-            self._add_pending(-max(0, stream.window - stream.send_credit))
+            self._add_pending(-_counted(stream))
         local = self._locals.pop(stream.stream_id, None)
         stream.end()
         self._observer.stream_ended(stream, outcome)
         if abort_local and local is not None:
             local.abort()
 
+
+def _counted(stream: Stream) -> int:
+    """What C{stream} contributes to the tunnel budget (see L{Mux})."""
+    return max(0, stream.window - stream.send_credit - stream.window // 8)

@@ -36,9 +36,25 @@ CLOSE_HANDSHAKE_TIMEOUT = 4002
 CLOSE_PROTOCOL_ERROR = 4003
 CLOSE_INTERNAL = 4004
 
+#: Closed label values for C{nowconnect_tunnel_disconnects_total{reason}}.
+CLOSE_LABELS = {
+    CLOSE_GOING_AWAY: "shutdown",
+    CLOSE_REJECTED: "rejected",
+    CLOSE_HANDSHAKE_TIMEOUT: "handshake_timeout",
+    CLOSE_PROTOCOL_ERROR: "protocol_error",
+    CLOSE_INTERNAL: "internal_error",
+}
+
 
 class Rejected(Exception):
-    """The hub refuses this agent's HELLO; the message is the logged and sent reason."""
+    """
+    The hub refuses this agent's HELLO; the message is the logged and sent reason, C{label}
+    the closed-set value for metrics.
+    """
+
+    def __init__(self, reason: str, label: str) -> None:
+        Exception.__init__(self, reason)
+        self.label = label
 
 
 def _common_options(factory: WebSocketServerFactory | WebSocketClientFactory, max_message: int,
@@ -84,6 +100,7 @@ class _TunnelMixin:
     mux: Mux | None = None
     _flush_call: IDelayedCall | None = None
     _closing_reason: str = ""
+    _closing_code: int = 0
 
     # Provided by the Autobahn protocol classes.
     transport: Any
@@ -117,7 +134,20 @@ class _TunnelMixin:
         """Close this tunnel; its streams are reset when the close completes."""
         if not self._closing_reason:
             self._closing_reason = reason
+            self._closing_code = code
         self.sendClose(code, reason[:120])
+
+    def _close_label(self, was_clean: bool, peer_code: int | None) -> str:
+        """Why this tunnel ended, as a closed-set metrics label."""
+        if self._closing_code:
+            return CLOSE_LABELS.get(self._closing_code, "other")
+        if "ping timeout" in (getattr(self, "wasNotCleanReason", None) or ""):
+            return "ping_timeout"
+        if peer_code == CLOSE_GOING_AWAY:
+            return "peer_shutdown"
+        if peer_code in CLOSE_LABELS:
+            return "peer_" + CLOSE_LABELS[peer_code]
+        return "closed_by_peer" if was_clean else "connection_lost"
 
     def close(self, reason: str) -> None:
         """Close this tunnel on purpose (shutdown): the peer sees a going-away close."""
@@ -149,9 +179,9 @@ class HubHost(Protocol):
 
     def tunnel_ready(self, tunnel: HubTunnelProtocol, hello: wire.Hello) -> None: ...
 
-    def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str) -> None: ...
+    def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str, label: str) -> None: ...
 
-    def tunnel_rejected(self, peer: str, agent_id: str, reason: str) -> None: ...
+    def tunnel_rejected(self, peer: str, agent_id: str, reason: str, label: str) -> None: ...
 
 
 class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[misc]
@@ -170,7 +200,8 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
     def onConnect(self, request: ConnectionRequest) -> str:
         self.peer_text = _peer_text(self.transport)
         if wire.SUBPROTOCOL not in request.protocols:
-            self.factory.host.tunnel_rejected(self.peer_text, "", "missing subprotocol")
+            self.factory.host.tunnel_rejected(self.peer_text, "", "missing subprotocol",
+                                              "bad_subprotocol")
             raise ConnectionDeny(400, f"subprotocol {wire.SUBPROTOCOL} required")
         try:
             self.auth = self.factory.host.authenticate(
@@ -196,7 +227,8 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
 
     def _hello_timeout(self) -> None:
         self._hello_timer = None
-        self.factory.host.tunnel_rejected(self.peer_text, "", "no HELLO in time")
+        self.factory.host.tunnel_rejected(self.peer_text, "", "no HELLO in time",
+                                          "handshake_timeout")
         self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no HELLO in time")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -228,26 +260,30 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         self._hello_timer = None
+        self.hello = hello
+        self.mux = Mux(
+            HUB,
+            window=host.initial_window,
+            max_frame=host.max_frame,
+            clock=host.clock,
+            wake=self._wake,
+            observer=host.observer,
+            max_pending=host.max_pending,
+        )
         try:
-            self.hello = hello
-            self.mux = Mux(
-                HUB,
-                window=host.initial_window,
-                max_frame=host.max_frame,
-                clock=host.clock,
-                wake=self._wake,
-                observer=host.observer,
-                max_pending=host.max_pending,
-            )
-            self.sendMessage(
-                wire.encode(wire.Welcome(host.initial_window, host.max_frame)), isBinary=True
-            )
             host.tunnel_ready(self, hello)
-            self._registered = True
         except Rejected as e:
+            # Refused before WELCOME: the agent never sees itself as connected, so its
+            # reconnect backoff keeps growing.
             self.mux = None
-            host.tunnel_rejected(self.peer_text, hello.agent_id, str(e))
+            host.tunnel_rejected(self.peer_text, hello.agent_id, str(e), e.label)
             self._fail(CLOSE_REJECTED, str(e))
+            return
+        self._registered = True
+        # Registered and welcomed in the same turn: any OPEN goes out after WELCOME.
+        self.sendMessage(
+            wire.encode(wire.Welcome(host.initial_window, host.max_frame)), isBinary=True
+        )
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
@@ -258,7 +294,8 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
             if self._registered:
                 self._registered = False
                 why = self._closing_reason or reason or getattr(self, "wasNotCleanReason", "")
-                self.factory.host.tunnel_closed(self, why or "closed")
+                self.factory.host.tunnel_closed(self, why or "closed",
+                                                self._close_label(wasClean, code))
         except Exception:
             self._log.failure("tunnel_error in onClose", event=logs.TUNNEL_ERROR)
 
@@ -358,6 +395,7 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
             max_pending=f.max_pending,
         )
         self._is_ready = True
+        f.tunnel_ready(self)
         self._ready.callback(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -370,6 +408,7 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
             if not self._is_ready:
                 self._ready.errback(ConnectionError(f"tunnel closed before WELCOME: {why}"))
                 self._ready.addErrback(lambda f: None)
+                why = f"closed before WELCOME: {why or 'closed'}"
             self.factory.tunnel_closed(self, why or "closed", self._is_ready)
             self._closed.callback(None)
         except Exception:
@@ -377,6 +416,8 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
 
 
 class AgentHost(Protocol):
+    def tunnel_ready(self, tunnel: AgentTunnelProtocol) -> None: ...
+
     def tunnel_closed(self, tunnel: AgentTunnelProtocol, reason: str, was_ready: bool) -> None:
         ...
 
@@ -428,6 +469,9 @@ class AgentTunnelFactory(WebSocketClientFactory):
 
     def acceptor_for(self, tunnel: AgentTunnelProtocol) -> Acceptor:
         return self._host.acceptor_for(tunnel)
+
+    def tunnel_ready(self, tunnel: AgentTunnelProtocol) -> None:
+        self._host.tunnel_ready(tunnel)
 
     def tunnel_closed(self, tunnel: AgentTunnelProtocol, reason: str, was_ready: bool) -> None:
         self._host.tunnel_closed(tunnel, reason, was_ready)

@@ -30,9 +30,10 @@ def address_allowed(host: str, networks: Sequence[Network] | None) -> bool:
         addr = ipaddress.ip_address(host)
     except ValueError:
         return False
+    forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
+        forms.append(addr.ipv4_mapped)
+    return any(form in net for form in forms for net in networks)
 
 
 def _json(request: IRequest, code: int, body: object) -> bytes:
@@ -104,8 +105,8 @@ class WebApp:
         code = code if isinstance(code, int) and 400 <= code < 600 else 500
         return _json(request, code, {"error": "not found" if code == 404 else "error"})
 
-    def site(self) -> Site:
-        site = Site(self.app.resource(), timeout=30)
+    def site(self, reactor: Any) -> Site:
+        site = Site(self.app.resource(), timeout=30, reactor=reactor)
         site.noisy = False
         site.displayTracebacks = False
         # One access-log line per scrape or probe is noise; requests that matter log events.

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import wsclient
 from harness import HOST, Deployment, EchoServer, deterministic_chunks, read_until_closed
-from nowconnect import wire
 from pki import CA, make_ca
+
+from nowconnect import wire
 
 ACTIVE = "nowconnect_tcp_active_connections"
 AGENTS = "nowconnect_agents_connected"
@@ -129,40 +129,41 @@ class MTLS:
     tokens: dict[str, str]
 
 
+@pytest.fixture(scope="class")
+def mtls(tmp_path_factory: pytest.TempPathFactory, echo: EchoServer) -> Iterator[MTLS]:
+    base = tmp_path_factory.mktemp("mtls")
+    ca = make_ca(base / "pki")
+    hub = ca.issue("hub", dns=["localhost"], ips=[HOST])
+    agent1 = ca.issue("agent-1", dns=["agent-1.test"], client=True)
+    tokens = {name: secrets.token_urlsafe(24) for name in ("agent-1", "agent-2", "agent-3")}
+    agents = [
+        {"id": "agent-1", "token_sha256": sha(tokens["agent-1"]), "connectors": ["echo"],
+         "cert_identity": "agent-1.test"},
+        {"id": "agent-2", "token_sha256": sha(tokens["agent-2"]), "connectors": ["echo"],
+         "cert_identity": "agent-2.test"},
+        {"id": "agent-3", "token_sha256": sha(tokens["agent-3"]), "connectors": ["echo"]},
+    ]
+    dep = Deployment(
+        base / "dep", {"echo": (HOST, echo.port)}, token=tokens["agent-1"],
+        # Rejections here must not lock 127.0.0.1 out (that is tested separately).
+        limits={"auth_failures_before_backoff": 1000},
+        hub_extra={"tls_cert": str(hub.chain), "tls_key": str(hub.key),
+                   "client_ca": str(ca.cert), "agents": agents},
+        agent_extra={"hub_url": "wss://localhost:{web_port}/tunnel", "ca_file": str(ca.cert),
+                     "client_cert": str(agent1.cert), "client_key": str(agent1.key)},
+    )
+    with dep:
+        dep.start_hub()
+        dep.start_agent()
+        yield MTLS(dep, ca, base, tokens)
+
+
 class TestMutualTLS:
     """
     One hub serving C{/tunnel} over TLS that requires a client certificate from C{client_ca}.
     Agents: agent-1 (the harness agent, C{cert_identity: agent-1.test}), agent-2
     (C{cert_identity: agent-2.test}) and agent-3 (no identity pinned).
     """
-
-    @pytest.fixture(scope="class")
-    def mtls(self, tmp_path_factory: pytest.TempPathFactory, echo: EchoServer) -> Iterator[MTLS]:
-        base = tmp_path_factory.mktemp("mtls")
-        ca = make_ca(base / "pki")
-        hub = ca.issue("hub", dns=["localhost"], ips=[HOST])
-        agent1 = ca.issue("agent-1", dns=["agent-1.test"], client=True)
-        tokens = {name: secrets.token_urlsafe(24) for name in ("agent-1", "agent-2", "agent-3")}
-        agents = [
-            {"id": "agent-1", "token_sha256": sha(tokens["agent-1"]), "connectors": ["echo"],
-             "cert_identity": "agent-1.test"},
-            {"id": "agent-2", "token_sha256": sha(tokens["agent-2"]), "connectors": ["echo"],
-             "cert_identity": "agent-2.test"},
-            {"id": "agent-3", "token_sha256": sha(tokens["agent-3"]), "connectors": ["echo"]},
-        ]
-        dep = Deployment(
-            base / "dep", {"echo": (HOST, echo.port)}, token=tokens["agent-1"],
-            # Rejections here must not lock 127.0.0.1 out (that is tested separately).
-            limits={"auth_failures_before_backoff": 1000},
-            hub_extra={"tls_cert": str(hub.chain), "tls_key": str(hub.key),
-                       "client_ca": str(ca.cert), "agents": agents},
-            agent_extra={"hub_url": "wss://localhost:{web_port}/tunnel", "ca_file": str(ca.cert),
-                         "client_cert": str(agent1.cert), "client_key": str(agent1.key)},
-        )
-        with dep:
-            dep.start_hub()
-            dep.start_agent()
-            yield MTLS(dep, ca, base, tokens)
 
     def test_agent_with_client_cert_carries_traffic(self, mtls: MTLS) -> None:
         """
@@ -506,6 +507,26 @@ class Arena:
     base: Path
 
 
+@pytest.fixture(scope="class")
+def arena(tmp_path_factory: pytest.TempPathFactory,
+          echo: EchoServer) -> Iterator[Arena]:
+    base = tmp_path_factory.mktemp("hostile")
+    token, rogue_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    targets = {"echo": (HOST, echo.port), "decoy": (HOST, echo.port)}
+    agents = [{"id": "agent-1", "token_sha256": sha(token), "connectors": ["echo", "decoy"]},
+              {"id": ROGUE, "token_sha256": sha(rogue_token), "connectors": ["decoy"]}]
+    with Deployment(base / "dep", targets, token=token, limits={"handshake_timeout": 2},
+                    hub_extra={"agents": agents}) as dep:
+        dep.start_hub()
+        dep.start_agent()
+        honest = HonestStream(dep.listener_port["echo"])
+        try:
+            honest.assert_flowing(0)
+            yield Arena(dep, rogue_token, honest, base)
+        finally:
+            honest.finish(5)
+
+
 class TestHostileInput:
     """
     One hub with the honest harness agent (agent-1: connectors echo and decoy) and a second
@@ -513,25 +534,6 @@ class TestHostileInput:
     streams through the echo listener for the whole class; every hostile tunnel must close
     alone while that stream keeps flowing.
     """
-
-    @pytest.fixture(scope="class")
-    def arena(self, tmp_path_factory: pytest.TempPathFactory,
-              echo: EchoServer) -> Iterator[Arena]:
-        base = tmp_path_factory.mktemp("hostile")
-        token, rogue_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        targets = {"echo": (HOST, echo.port), "decoy": (HOST, echo.port)}
-        agents = [{"id": "agent-1", "token_sha256": sha(token), "connectors": ["echo", "decoy"]},
-                  {"id": ROGUE, "token_sha256": sha(rogue_token), "connectors": ["decoy"]}]
-        with Deployment(base / "dep", targets, token=token, limits={"handshake_timeout": 2},
-                        hub_extra={"agents": agents}) as dep:
-            dep.start_hub()
-            dep.start_agent()
-            honest = HonestStream(dep.listener_port["echo"])
-            try:
-                honest.assert_flowing(0)
-                yield Arena(dep, rogue_token, honest, base)
-            finally:
-                honest.finish(5)
 
     @pytest.mark.parametrize("case", HOSTILE, ids=[h.name for h in HOSTILE])
     def test_hostile_input_closes_only_that_tunnel(self, arena: Arena, case: Hostile) -> None:
@@ -561,8 +563,8 @@ class TestHostileInput:
 
     def test_refused_upgrades(self, arena: Arena) -> None:
         """
-        Without a bearer token the upgrade gets 401, without the nowconnect.v1 subprotocol
-        400, and a plain GET on /tunnel never reaches the WebSocket: nothing is upgraded.
+        Without a bearer token (or with another scheme) the upgrade gets 401, without the
+        nowconnect.v1 subprotocol 400: nothing is upgraded and no token is logged.
         """
         dep = arena.dep
         assert upgrade_status(dep, None) == 401
@@ -574,8 +576,6 @@ class TestHostileInput:
         assert (ws, status) == (None, 400)
         ws, status = wsclient.upgrade(HOST, dep.web_port, token=arena.rogue_token, protocols=())
         assert (ws, status) == (None, 400)
-        status, _ = dep.http_get("/tunnel")
-        assert status >= 400
         # A success from this address forgets the failures above.
         rogue_upgrade(dep, arena.rogue_token, hello=True).close()
         assert arena.rogue_token not in dep.hub_log_text()
@@ -623,6 +623,27 @@ class TestHostileInput:
         assert status == 200
 
     @pytest.mark.xfail(strict=True, reason=(
+        "BUG: HubTunnelFactory (tunnel.py) keeps Autobahn's default webStatus=True, so a "
+        "plain GET on /tunnel, unauthenticated and unrestricted, renders Autobahn's status page "
+        "(its version) and ?redirect=URL answers 303 to any URL: an open redirect on the hub"))
+    def test_tunnel_path_is_not_an_open_redirect(self, arena: Arena) -> None:
+        """
+        A GET on /tunnel without an upgrade is refused (4xx): no 3xx to a foreign URL, no
+        page naming the WebSocket library and its version.
+        """
+        for path in ("/tunnel?redirect=https%3A%2F%2Fevil.example%2Flogin",
+                     "/tunnel?redirect=https%3A%2F%2Fevil.example%2F&after=0", "/tunnel"):
+            conn = http.client.HTTPConnection(HOST, arena.dep.web_port, timeout=5)
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                body = resp.read()
+            finally:
+                conn.close()
+            assert 400 <= resp.status < 500, (path, resp.status, resp.getheader("Location"))
+            assert b"evil.example" not in body and b"Autobahn" not in body, path
+
+    @pytest.mark.xfail(strict=True, reason=(
         "BUG: HubTunnelProtocol._on_hello (tunnel.py) sends WELCOME before "
         "HubService.tunnel_ready (hub.py) validates the HELLO, so a refused agent logs "
         "tunnel_open 'connection open', ClientService counts it connected and resets the "
@@ -633,11 +654,13 @@ class TestHostileInput:
         refused at HELLO; it must never log "connection open" (the runbook's success line).
         """
         dep = arena.dep
+        before = len(hub_events_for(dep, "agent_rejected", agent_id=ROGUE))
         with second_agent(dep, arena.base / "refused", ROGUE, arena.rogue_token,
                           connectors={"echo": f"{HOST}:1"}) as agent:
             agent.start_agent(wait_connected=False)
-            dep.wait_for(lambda: len(hub_events_for(dep, "agent_rejected", agent_id=ROGUE)) >= 2,
-                         10, "the rogue agent refused twice")
+            dep.wait_for(lambda: len(hub_events_for(dep, "agent_rejected", agent_id=ROGUE))
+                         >= before + 2, 10, "the rogue agent refused twice")
+            assert len(agent.agent_events("connecting_to_cloud")) >= 2
             agent.stop_agent()
         assert agent.agent_events("tunnel_open") == []
 
@@ -777,32 +800,34 @@ def test_metrics_allow_cidrs(tmp_path: Path, echo: EchoServer) -> None:
 
 # -- exclusive agents ------------------------------------------------------------------------------
 
+@pytest.fixture(scope="class")
+def exclusive_hub(tmp_path_factory: pytest.TempPathFactory,
+        echo: EchoServer) -> Iterator[tuple[Deployment, Path, str]]:
+    base = tmp_path_factory.mktemp("exclusive")
+    token1, token2 = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    agents = [{"id": "agent-1", "token_sha256": sha(token1), "connectors": ["one"],
+               "exclusive": True},
+              {"id": "agent-2", "token_sha256": sha(token2), "connectors": ["two"]}]
+    with Deployment(base / "dep", {"one": (HOST, echo.port), "two": (HOST, echo.port)},
+                    token=token1, hub_extra={"agents": agents},
+                    agent_extra={"connectors": {"one": f"{HOST}:{echo.port}"}}) as dep:
+        dep.start_hub()
+        yield dep, base, token2
+
+
 class TestExclusive:
     """
     One hub: agent-1 (C{exclusive: true}, connector one) and agent-2 (not exclusive,
     connector two); extra agent processes reuse their ids and tokens.
     """
 
-    @pytest.fixture(scope="class")
-    def hub(self, tmp_path_factory: pytest.TempPathFactory,
-            echo: EchoServer) -> Iterator[tuple[Deployment, Path, str]]:
-        base = tmp_path_factory.mktemp("exclusive")
-        token1, token2 = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        agents = [{"id": "agent-1", "token_sha256": sha(token1), "connectors": ["one"],
-                   "exclusive": True},
-                  {"id": "agent-2", "token_sha256": sha(token2), "connectors": ["two"]}]
-        with Deployment(base / "dep", {"one": (HOST, echo.port), "two": (HOST, echo.port)},
-                        token=token1, hub_extra={"agents": agents},
-                        agent_extra={"connectors": {"one": f"{HOST}:{echo.port}"}}) as dep:
-            dep.start_hub()
-            yield dep, base, token2
-
-    def test_exclusive_agent_is_replaced(self, hub: tuple[Deployment, Path, str]) -> None:
+    def test_exclusive_agent_is_replaced(
+            self, exclusive_hub: tuple[Deployment, Path, str]) -> None:
         """
         A second agent-1 process replaces the first: the first's tunnel is closed with a
         reason saying so, and one tunnel serves the connector afterwards.
         """
-        dep, base, _ = hub
+        dep, base, _ = exclusive_hub
         dep.start_agent()
         assert dep.metric(AGENTS, connector="one") == 1
         with second_agent(dep, base / "agent1b", "agent-1", dep.token) as newer:
@@ -819,9 +844,10 @@ class TestExclusive:
                        for e in hub_events_for(dep, "agent_disconnected", agent_id="agent-1"))
             newer.stop_agent()
 
-    def test_non_exclusive_agents_coexist(self, hub: tuple[Deployment, Path, str]) -> None:
+    def test_non_exclusive_agents_coexist(
+            self, exclusive_hub: tuple[Deployment, Path, str]) -> None:
         """Two agent-2 processes (not exclusive) both stay connected: agents_connected == 2."""
-        dep, base, token2 = hub
+        dep, base, token2 = exclusive_hub
         conns = {"connectors": {"two": dep.agent_config()["connectors"]["one"]}}
         with second_agent(dep, base / "agent2a", "agent-2", token2, **conns) as a, \
                 second_agent(dep, base / "agent2b", "agent-2", token2, **conns) as b:
@@ -853,14 +879,15 @@ def _agent_events_at_start(hub_url: str) -> tuple[list[dict[str, Any]], list[Any
                                  "connectors": {"ldap": "127.0.0.1:389"}}, "agent.yaml", {})
     clock = MemoryReactorClock()
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer: Any = events.append  # an ILogObserver: any callable taking the event dict
+    globalLogPublisher.addObserver(observer)
     try:
         agent = make_agent_service(config, reactor=clock)
         agent.startService()
         agent.stopService()
         clock.advance(10)
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     return events, list(clock.tcpClients)
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
+import pytest
 import txaio
-from automat import NoTransition
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from automat import NoTransition
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import (
     ConnectionAborted,
@@ -24,14 +25,12 @@ from twisted.internet.error import (
     ConnectionLost,
     ConnectionRefusedError,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-
-import pytest
 
 from nowconnect import wire
 from nowconnect.agent import AgentService, make_agent_service
@@ -181,9 +180,6 @@ class World:
         case.addCleanup(globalLogPublisher.removeObserver, self.log.append)
         self.hub: HubService = make_hub_service(parse_hub_config(hub or hub_data(), "hub.yaml"),
                                                 reactor=self.clock)
-        # WebApp.site() builds its Site on the global reactor (see test_assembly); put the
-        # HTTP channel timeouts on our clock.
-        self.hub.web.factory.reactor = self.clock
         self.hub.startService()
         self.pumps: list[iosim.IOPump] = []
         self.agents: list[AgentService] = []
@@ -352,7 +348,7 @@ class RawHTTPClient(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.response += data
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
 
 
@@ -468,13 +464,6 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(w.metric("nowconnect_agent_rejections_total", reason="bad_token"), 1.0)
         self.assertEqual(w.hub.connectors_without_agent(), ["addomain"])
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=NoTransition,
-        reason="BUG: a tunnel lost before WELCOME fails ClientService's prepareConnection and "
-        "then reports the disconnect; Twisted's ClientService has no transition for that and "
-        "raises NoTransition out of connectionLost (agent.py _prepare / tunnel.py onClose)",
-    )
     def test_agent_refused_at_upgrade_retries_cleanly(self) -> None:
         """
         An agent whose token is refused fails that attempt without an error escaping the
@@ -551,12 +540,6 @@ class HandshakeTests(SynchronousTestCase):
         self.assertIn("does not match its token", w.agent_tunnel().remoteCloseReason)
         self.assertEqual(w.hub.connectors_without_agent(), ["addomain"])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: HubTunnelProtocol._on_hello (tunnel.py) sends WELCOME before "
-        "host.tunnel_ready() validates the HELLO, so a refused agent first sees WELCOME "
-        "(counts as connected, logs 'connection open', resets its backoff) and then the close",
-    )
     def test_refused_hello_gets_no_welcome(self) -> None:
         """A refused HELLO is answered by the close alone, never by WELCOME."""
         w = World(self)
@@ -566,11 +549,6 @@ class HandshakeTests(SynchronousTestCase):
         self.assertIsNotNone(client.close_info)
         self.assertEqual(client.received, [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: hub._reason_label checks the needle 'token' first, so 'agent id ... does "
-        "not match its token' and 'missing bearer token' are both labelled bad_token",
-    )
     def test_rejection_reasons_labelled_precisely(self) -> None:
         """
         agent_rejections counts an agent-id mismatch as agent_id_mismatch and a missing
@@ -736,7 +714,7 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(len(target.value()), WINDOW + 9)
 
     def test_no_agent(self) -> None:
-        """With no agent for the connector, a client is aborted and no_agent_for_connector logged."""
+        """Without an agent for the connector a client is aborted; no_agent_for_connector logged."""
         w = World(self)
         client = w.client()
         self.assertTrue(client.transport.aborted)
@@ -772,11 +750,6 @@ class StreamTests(SynchronousTestCase):
         w.dial_hub()
         self.assertEqual(w.hub.connectors_without_agent(), [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: AgentService keeps ClientService's protocol proxy in self.tunnel, so "
-        "tunnel_closed()'s identity check (agent.py) never clears it after a loss",
-    )
     def test_agent_forgets_lost_tunnel(self) -> None:
         """After its tunnel is lost the agent holds no tunnel (and so reports itself unready)."""
         w = self.w
@@ -832,12 +805,6 @@ class IsolationTests(SynchronousTestCase):
         self.w.flush()
         self.assert_only_bad_tunnel_closed("frame for unknown stream 99")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: a tunnel closed for a protocol error is counted in tunnel_disconnects "
-        "as reason=other: hub._reason_label looks for 'protocol' in the ProtocolError text, "
-        "which never contains it",
-    )
     def test_protocol_error_disconnect_labelled(self) -> None:
         """A tunnel closed for a protocol error counts as reason=protocol_error."""
         self.w.agent_tunnel(self.bad).sendMessage(b"\x63" + b"\x00" * 8, isBinary=True)
@@ -894,11 +861,6 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(done, [None])
         self.assertEqual(w.agent_tunnel().remoteCloseCode, CLOSE_GOING_AWAY)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: AgentService.stopService (agent.py) races when_closed() against "
-        "_sleep(clock, 3) and never cancels the sleep, leaving a delayed call behind",
-    )
     def test_agent_stop_leaves_no_delayed_calls(self) -> None:
         """
         Stopping the agent closes its tunnel and finishes with nothing scheduled on its clock.

@@ -16,8 +16,7 @@ from typing import Any, Callable
 import attrs
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -52,7 +51,7 @@ class _Client(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
 
 
@@ -90,11 +89,9 @@ class WebCase(SynchronousTestCase):
     ) -> None:
         self.metrics = Metrics()
         self.metrics.declare_connector("addomain")
-        self.site = WebApp(self.metrics, unready=unready, tunnel=tunnel,
-                           metrics_allow=metrics_allow).site()
-        # Keep the HTTP channel's idle timeout off the global reactor (see test_assembly).
         self.clock = MemoryReactorClock()
-        self.site.reactor = self.clock
+        self.site = WebApp(self.metrics, unready=unready, tunnel=tunnel,
+                           metrics_allow=metrics_allow).site(self.clock)
 
     def request(self, path: bytes, method: bytes = b"GET",
                 peer: IPv4Address | IPv6Address = LOCAL) -> Response:
@@ -254,12 +251,6 @@ class AddressAllowedTests(SynchronousTestCase):
         self.assertFalse(address_allowed("localhost", [net("127.0.0.0/8")]))
         self.assertFalse(address_allowed("", [net("0.0.0.0/0")]))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG: web.address_allowed replaces an IPv4-mapped address by its IPv4 form "
-        "and never checks the IPv6 form, so an IPv6-written network (::ffff:10.0.0.0/104) "
-        "cannot match; config.ListenerConfig.allows checks both",
-    )
     def test_ipv4_mapped_against_ipv6_written_network(self) -> None:
         """
         An IPv4-mapped client matches a network written in IPv6 form, as it does for
