@@ -596,6 +596,15 @@ class LogTail:
         raise RuntimeError(f"timed out waiting for {what} in {self.path}:\n{tail}")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the benchmark dies, however it dies."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Rig:
     """Target, hub and agent processes, started in that order and stopped in reverse."""
 
@@ -611,7 +620,8 @@ class Rig:
 
     def start(self) -> None:
         target = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-target"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  preexec_fn=_die_with_parent)
         self.procs["target"] = target
         assert target.stdout is not None
         self.target_ports = json.loads(target.stdout.readline())
@@ -665,7 +675,7 @@ class Rig:
                 [self.twistd, "--nodaemon", "--pidfile=", "--logger", "nowconnect.logs.observer",
                  plugin, "--config", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.workdir, env=env)
+                cwd=self.workdir, env=env, preexec_fn=_die_with_parent)
         finally:
             out.close()
 
@@ -691,8 +701,13 @@ class Rig:
 # Profiling (optional): py-spy on the hub and the agent during chosen tunnel measurements
 # --------------------------------------------------------------------------------------------
 
-#: Seconds one benchmark run may spend in all waiting for other work on the machine to stop.
-QUIET_BUDGET = 60
+#: Other processes' CPU (% of one core) during a run above which the run is done again...
+CLEAN_PCT = 10.0
+#: ... at most this many extra times per run ...
+MAX_RETRIES = 2
+#: ... and while the benchmark has lost less than this many seconds in all to waiting for a
+#: quiet machine and to runs done again.
+CONTENTION_BUDGET = 90.0
 
 PROFILED = ("rtt_1conn", "connrate_sequential", "connrate_parallel", "bulk_c2a_1", "bulk_a2c_1")
 
@@ -881,7 +896,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         profiler = Profiler(outdir, pyspy, args.profile_rate)
     results: dict[str, Any] = {}
     overall_peak: dict[str, int] = {}
-    waited = {"s": 0.0}
+    contention = {"s": 0.0, "retries": 0}
+
+    def quiet(limit: float) -> None:
+        contention["s"] += wait_quiet(min(limit, CONTENTION_BUDGET - contention["s"]))
     repeat = args.repeat or (1 if args.quick else 3)
     t_start = time.monotonic()
     try:
@@ -902,7 +920,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            units: Callable[[dict[str, Any]], dict[str, Any]],
                            profile: bool) -> dict[str, Any]:
             wait_idle(tunnel_pids)
-            waited["s"] += wait_quiet(min(args.wait_quiet, QUIET_BUDGET - waited["s"]))
+            quiet(args.wait_quiet)
             if profile:
                 assert profiler is not None
                 profiler.start(name, pids)
@@ -932,16 +950,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             key = HEADLINE[name]
             runs: dict[str, list[dict[str, Any]]] = {"direct": [], "tunnel": []}
             for i in range(repeat):
-                wait_idle(tunnel_pids)
-                waited["s"] += wait_quiet(min(args.wait_quiet, QUIET_BUDGET - waited["s"]))
-                with Meter({"target": pids["target"]}) as meter:
-                    direct = fn(rig.target_ports[service])
-                    direct["procs"] = meter.finish()
+                attempts: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
+                while True:
+                    wait_idle(tunnel_pids)
+                    quiet(args.wait_quiet)
+                    t0 = time.monotonic()
+                    with Meter({"target": pids["target"]}) as meter:
+                        direct = fn(rig.target_ports[service])
+                        direct["procs"] = meter.finish()
+                    tunnel = one_tunnel_run(
+                        name, fn, rig.hub_ports[service], units,
+                        profile=profiler is not None and name in PROFILED and i == 0
+                        and not attempts)
+                    rig.check_alive()
+                    foreign = max(direct["procs"]["foreign"]["pct_of_core"],
+                                  tunnel["procs"]["foreign"]["pct_of_core"])
+                    attempts.append((foreign, direct, tunnel))
+                    if foreign < CLEAN_PCT or len(attempts) > MAX_RETRIES \
+                            or contention["s"] >= CONTENTION_BUDGET:
+                        break
+                    # Other work on the machine skewed this run: do it again.
+                    contention["s"] += time.monotonic() - t0
+                    contention["retries"] += 1
+                    say(f"{name}: other load {foreign:.0f}% of a core, running it again")
+                foreign, direct, tunnel = min(attempts, key=lambda a: a[0])
                 runs["direct"].append(direct)
-                runs["tunnel"].append(one_tunnel_run(
-                    name, fn, rig.hub_ports[service], units,
-                    profile=profiler is not None and name in PROFILED and i == 0))
-                rig.check_alive()
+                runs["tunnel"].append(tunnel)
             entry = {}
             for path, rs in runs.items():
                 median = sorted(rs, key=lambda r: r[key])[len(rs) // 2]
@@ -1005,7 +1039,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": round(time.monotonic() - t_start, 1),
         "results": results,
         "repeat": repeat,
-        "waited_for_quiet_s": round(waited["s"], 1),
+        "contention": {"seconds_lost": round(contention["s"], 1),
+                       "runs_retried": contention["retries"]},
         "peak_rss_kib": overall_peak,
         "rss_kib_final": rss_final,
         "workdir": str(workdir),
@@ -1115,6 +1150,10 @@ def render(out: dict[str, Any]) -> str:
     if foreign and max(foreign)[0] >= 10:
         lines += ["", f"WARNING: other processes used up to {max(foreign)[0]:.0f}% of a core "
                   f"during a tunnel run ({max(foreign)[1]}): figures are skewed."]
+    c = out["contention"]
+    if c["runs_retried"] or c["seconds_lost"] > 1:
+        lines += ["", f"Other load on the machine: {c['runs_retried']} run(s) done again, "
+                  f"{c['seconds_lost']} s lost waiting or repeating."]
     lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
               f"Python {m['python']}, Twisted {m['twisted']}, Autobahn {m['autobahn']}, "
               f"nowconnect {m['nowconnect']} @ {m['commit'] or '?'}; wall time "
@@ -1151,9 +1190,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=0,
                         help="runs of each measurement, median reported (default 3, --quick 1)")
     parser.add_argument("--wait-quiet", type=float, default=10.0, metavar="SECONDS",
-                        help="before each run wait up to this long (at most %d s in all) for "
-                        "the machine to be idle (default %%(default)s; 0: don't wait)"
-                        % QUIET_BUDGET)
+                        help="before each run wait up to this long for the machine to be idle "
+                        "(default %%(default)s; 0: don't wait). Runs during which other "
+                        "processes used more than %d%% of a core are done again, up to %d times; "
+                        "waits and repeats stop after %d s in all"
+                        % (CLEAN_PCT, MAX_RETRIES, CONTENTION_BUDGET))
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--twistd", default=shutil.which("twistd", path=os.path.dirname(
         sys.executable)) or shutil.which("twistd") or "twistd", help="twistd executable")
@@ -1164,6 +1205,7 @@ def main() -> None:
     if args.serve_target:
         serve_target()
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the rig is stopped
     out = run(args)
     print(render(out))
     if "profile" in out:

@@ -6,6 +6,7 @@ opens dials the target named in its own config and relays bytes.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -246,7 +247,13 @@ def _sleep(clock: Any, seconds: float) -> Deferred[None]:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Only a loopback literal or localhost: a name like 127.0.0.1.example.net is not."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _safe_url(url: str) -> str:

@@ -68,6 +68,7 @@ from twisted.python.failure import Failure
 
 from nowconnect.check import Scrape, counter_deltas, parse_metrics
 from nowconnect.config import parse_agent_config, parse_hub_config
+from nowconnect.endpoints import ListenFailed
 
 CONNECTOR = "demo"
 HOST = "127.0.0.1"
@@ -253,7 +254,7 @@ class DemoStack:
         self.hub = make_hub_service(hub_config, self.reactor)
         try:
             self.hub.privilegedStartService()  # binds; raises ListenFailed with the reason
-        except Exception:
+        except BaseException:  # ListenFailed is a SystemExit: clean up whatever it is
             await self.stop()
             raise
         self.hub.startService()
@@ -312,13 +313,15 @@ class DemoStack:
 
     async def scrape(self) -> Scrape:
         """GET the hub's /metrics over HTTP, as a user would."""
-        from twisted.web.client import Agent, readBody
+        from twisted.web.client import Agent
 
         response = await Agent(self.reactor).request(b"GET", f"{self.web_url}/metrics".encode())
-        body = await readBody(response)
+        body = _Body()
+        response.deliverBody(body)
+        text = await body.done
         if response.code != 200:
             raise PingPongError(f"/metrics answered HTTP {response.code}")
-        return parse_metrics(body.decode("utf-8"))
+        return parse_metrics(text.decode("utf-8"))
 
     async def ping_pong(self) -> _PingPong:
         """L{ROUNDS} pings through the hub's listener with a real TCP client."""
@@ -326,6 +329,28 @@ class DemoStack:
         client = _PingPong(self.reactor, ROUNDS, PING_SIZE)
         await endpoint.connect(_OneProtocol(client))
         return await client.done
+
+
+class _Body(Protocol):
+    """
+    Collects a response body.  (C{readBody} would do, but with C{Agent}'s own transport proxy
+    it emits a DeprecationWarning about C{abortConnection}, fatal under C{-W error}.)
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        from twisted.web.client import PotentialDataLoss, ResponseDone
+
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
 
 
 class _OneProtocol(Factory):
@@ -408,7 +433,7 @@ async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
     stack = DemoStack(reactor, options)
     try:
         await stack.start()
-    except Exception as e:
+    except (Exception, ListenFailed) as e:  # ListenFailed is a SystemExit (for twistd)
         say(f"FAIL: cannot start the demo: {e}")
         raise SystemExit(1) from None
     reactor.addSystemEventTrigger("before", "shutdown", stack.stop)
@@ -425,6 +450,17 @@ async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
     if options.self_check:
         ok = await run_self_check(stack, say)
     else:
+        if not options.no_agent:
+            # Clients (and `nowconnect check`) should find the agent there once we say so.
+            registered = Deferred.fromCoroutine(stack.wait_registered())
+            registered.addTimeout(CHECK_TIMEOUT, reactor)
+            try:
+                took = await registered
+                say(f'agent registered for connector "{CONNECTOR}" after {took:.2f} s')
+            except defer.TimeoutError:
+                say(f"FAIL: the agent did not register within {CHECK_TIMEOUT:g} s (see the log "
+                    "lines on stderr)")
+                ok = False
         say("self-check skipped (--no-agent, --target or --allow-cidr): try nowconnect check")
     if options.once:
         await stack.stop()

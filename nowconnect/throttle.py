@@ -49,7 +49,7 @@ class AuthThrottle:
         while len(self._records) > self._capacity:
             self._records.popitem(last=False)
         record.failures += 1
-        over = record.failures - self._burst - 1
+        over = record.failures - self._burst
         if over < 0:
             return 0.0
         delay = min(self._max_delay, 2.0 ** min(over, 30))

@@ -310,8 +310,10 @@ class HubTunnelFactory(WebSocketServerFactory):
         self.host = host
         _common_options(self, 2 * (4 * 1024 * 1024 + host.max_frame), ping_interval,
                         ping_timeout)
+        # webStatus off: a plain GET must not get Autobahn's status page (it names versions
+        # and follows ?redirect=, an open redirect); it gets 426 Upgrade Required.
         self.setProtocolOptions(openHandshakeTimeout=host.handshake_timeout,
-                                requireMaskedClientFrames=True)
+                                requireMaskedClientFrames=True, webStatus=False)
 
 
 class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignore[misc]

@@ -448,7 +448,8 @@ def test_parse_metrics_and_deltas() -> None:
     after = check.parse_metrics(m.render().decode())
     deltas = check.counter_deltas(before, after, "x")
     assert [d.delta for d in deltas] == [1, 30, 0]
-    assert deltas[1].line() == 'nowconnect_tcp_bytes_total{direction="c2a",connector="x"} 0 -> 30 (+30)'
+    assert deltas[1].line() == (
+        'nowconnect_tcp_bytes_total{direction="c2a",connector="x"} 0 -> 30 (+30)')
     assert check.failure_deltas(before, after, "x") == {"target_refused": 1}
     assert after.value(check.AGENTS, connector="x") == 0
     assert after.value(check.AGENTS, connector="y") is None
@@ -605,7 +606,8 @@ class SelfCheckTests(TestCase):
         self.addCleanup(stack.stop)
         return stack
 
-    async def _run(self, options: DemoOptions, timeout: float) -> tuple[bool, list[str]]:
+    async def _self_check(self, options: DemoOptions,
+                          timeout: float) -> tuple[bool, list[str]]:
         stack = self._stack(options)
         await stack.start()
         said: list[str] = []
@@ -615,7 +617,7 @@ class SelfCheckTests(TestCase):
     def test_fails_with_stage_when_no_agent_registers(self) -> Any:
         """Without an agent the self-check gives up after its timeout, naming the stage."""
         async def go() -> None:
-            ok, said = await self._run(DemoOptions(no_agent=True), timeout=0.5)
+            ok, said = await self._self_check(DemoOptions(no_agent=True), timeout=0.5)
             self.assertFalse(ok)
             self.assertEqual(said, ["FAIL: no result within 0.5 s (while waiting for the agent "
                                     "to register; see the log lines on stderr)"])
@@ -624,7 +626,7 @@ class SelfCheckTests(TestCase):
     def test_fails_with_reason_when_the_ping_pong_breaks(self) -> Any:
         """When the agent's target refuses, the ping-pong fails at once with the reason."""
         async def go() -> None:
-            ok, said = await self._run(DemoOptions(target=(HOST, closed_port())), timeout=10)
+            ok, said = await self._self_check(DemoOptions(target=(HOST, closed_port())), timeout=10)
             self.assertFalse(ok)
             self.assertTrue(said[-1].startswith(
                 "FAIL: connection lost after 0 of 3 round trips"), said)

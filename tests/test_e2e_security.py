@@ -298,7 +298,7 @@ class TestAuthBackoff:
             if statuses[-1] == 429:
                 break
         first_block = statuses.index(429) if 429 in statuses else -1
-        assert first_block in (2, 3), statuses  # exactly 2 is the contract: see the xfail below
+        assert first_block == 2, statuses
         assert set(statuses[:first_block]) == {403}
         assert [upgrade_status(hub, t) for t in wrong[6:11]] == [429] * 5
         assert upgrade_status(hub, hub.token) == 429, "a blocked address is blocked for everyone"
@@ -328,10 +328,6 @@ class TestAuthBackoff:
         for token in wrong + [hub.token]:
             assert token not in log
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: AuthThrottle.failed (throttle.py) blocks only after burst+1 failures "
-        "(over = failures - burst - 1), so auth_failures_before_backoff: 2 allows 3 wrong "
-        "tokens; the module docstring says 'After burst failures ... refused'"))
     def test_backoff_starts_after_the_configured_failures(self, hub: Deployment) -> None:
         """With C{auth_failures_before_backoff: 2}, two wrong tokens; the third try is 429."""
         statuses = [upgrade_status(hub, secrets.token_urlsafe(16)) for _ in range(3)]
@@ -548,7 +544,13 @@ class TestHostileInput:
                 case.send(ws)
             except OSError:
                 pass  # the hub may close before it has read everything
-            closed = ws.wait_closed(8)
+            if case.event == REJ:
+                # Refused at HELLO: the close comes first, no WELCOME before it.
+                first = ws.recv_message(8)
+                assert first.opcode == wsclient.OP_CLOSE, first
+                closed = wsclient.parse_close(first.payload)
+            else:
+                closed = ws.wait_closed(8)
         if case.code is None:
             assert closed.code is None, closed
         else:
@@ -622,10 +624,6 @@ class TestHostileInput:
         status, _ = dep.http_get("/healthz", timeout=2)
         assert status == 200
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: HubTunnelFactory (tunnel.py) keeps Autobahn's default webStatus=True, so a "
-        "plain GET on /tunnel, unauthenticated and unrestricted, renders Autobahn's status page "
-        "(its version) and ?redirect=URL answers 303 to any URL: an open redirect on the hub"))
     def test_tunnel_path_is_not_an_open_redirect(self, arena: Arena) -> None:
         """
         A GET on /tunnel without an upgrade is refused (4xx): no 3xx to a foreign URL, no
@@ -643,15 +641,11 @@ class TestHostileInput:
             assert 400 <= resp.status < 500, (path, resp.status, resp.getheader("Location"))
             assert b"evil.example" not in body and b"Autobahn" not in body, path
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: HubTunnelProtocol._on_hello (tunnel.py) sends WELCOME before "
-        "HubService.tunnel_ready (hub.py) validates the HELLO, so a refused agent logs "
-        "tunnel_open 'connection open', ClientService counts it connected and resets the "
-        "backoff; same root cause as test_inmemory test_refused_hello_gets_no_welcome"))
     def test_refused_agent_never_reports_connection_open(self, arena: Arena) -> None:
         """
         A real agent holding the rogue token but declaring a connector it may not serve is
-        refused at HELLO; it must never log "connection open" (the runbook's success line).
+        refused at HELLO, before any WELCOME: it never logs "connection open" (the runbook's
+        success line) and keeps retrying.
         """
         dep = arena.dep
         before = len(hub_events_for(dep, "agent_rejected", agent_id=ROGUE))
@@ -898,10 +892,7 @@ def _agent_events_at_start(hub_url: str) -> tuple[list[dict[str, Any]], list[Any
     ("ws://localhost:8765/tunnel", False),
     ("ws://[::1]:8765/tunnel", False),
     ("wss://192.0.2.1:443/tunnel", False),
-    pytest.param("ws://127.0.0.1.example.net:8765/tunnel", True, marks=pytest.mark.xfail(
-        strict=True, reason="BUG: agent._is_loopback (agent.py) treats any host starting with "
-        "'127.' as loopback, so a DNS name like 127.0.0.1.example.net gets no "
-        "insecure_hub_url warning although its token travels in clear over the network")),
+    ("ws://127.0.0.1.example.net:8765/tunnel", True),
 ])
 def test_insecure_hub_url_warning(url: str, warned: bool) -> None:
     """

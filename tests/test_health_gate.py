@@ -314,17 +314,21 @@ def test_doc_nowconnect_check_invocation_passes(deployment: Deployment) -> None:
 
 
 def test_doc_quickstart_runs(tmp_path: Path) -> None:
-    """The by-hand validation stack of docs/operations.md (slapd, hub, agent, the gate, the log
-    greps, the stop), its blocks concatenated and run by bash as written.  Only the ports
-    (8765, 389, 1389) become free ones and /opt/nowconnect/venv/bin this venv's bin/.  It must
-    exit 0 with the gate's PASS and the good-log lines in its output."""
+    """The by-hand validation stack of docs/operations.md, run by one bash as written: its
+    quickstart blocks (slapd, config checks, hub, agent, the gate, the log greps), then every
+    ping-pong block of section 2 (health-gate, nowconnect check, the curl/ldapsearch lines)
+    against that stack, then the stop block.  Only the ports (8765, 389, 1389) become free
+    ones and /opt/nowconnect/venv/bin this venv's bin/.  Any failing command fails the run
+    (set -euo pipefail); the output must show the gate's PASS and the good-log lines."""
     require_slapd()
     if shutil.which("curl") is None:
         msg = "the quickstart uses curl: apt-get install curl"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    script = "\n".join(doc_blocks("quickstart"))
+    script = "\n".join(b for marker in ("quickstart", "health-gate", "nowconnect-check",
+                                         "by-hand", "quickstart-stop")
+                       for b in doc_blocks(marker))
     ports = {"1389": free_port(), "8765": free_port(), "389": free_port()}
     for old, new in ports.items():  # 1389 before 389
         script = re.sub(rf"\b{old}\b", str(new), script)
@@ -346,8 +350,13 @@ def test_doc_quickstart_runs(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=15)
         pytest.fail(f"quickstart still running after 60 s:\n{out}")
     assert proc.returncode == 0, out
-    assert "health-gate: PASS" in out
+    assert out.count("health-gate: PASS") == 2  # block 4 and section 2
+    assert "PASS: all 4 checks passed" in out  # nowconnect check
     assert '{"status": "ready"}' in out
+    assert ": OK" in out  # --check
+    assert "result: 0 Success" in out  # ldapsearch through the hub
+    assert re.search(r'^nowconnect_tcp_bytes_total\{connector="addomain",direction="a2c"\} '
+                     r'[1-9]', out, re.M)
     for line in ("listener_started connector=addomain", "agent_connected agent_id=dev-agent-1",
                  "connection_open connector=addomain", "connection_closed connector=addomain",
                  "connecting to cloud", "connection open url="):
