@@ -33,7 +33,8 @@ Four steps, in order, each reported as one C{PASS}, C{FAIL} or C{SKIP} line:
 A failed step skips the steps that depend on it (2 and later after 1; 3 and 4 after 2); step 4
 still prints its deltas after a failed step 3, as a diagnostic.  Plain blocking Python
 (C{urllib}, C{socket}): no reactor.  HTTP goes straight to the hub, ignoring C{*_proxy}
-environment variables, like the TCP step must.
+environment variables, like the TCP step must; an C{https} hub is verified against the system
+CAs or C{--ca-file} (no client certificate is sent, so a mutual-TLS web port fails step 1).
 """
 # -*- test-case-name: tests.test_cli -*-
 
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -272,9 +274,14 @@ class HttpResult:
     error: str = ""
 
 
-def http_get(url: str, timeout: float) -> HttpResult:
-    """GET C{url} directly (no proxy); HTTP error statuses come back as results."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def http_get(url: str, timeout: float, ca_file: str | None = None) -> HttpResult:
+    """
+    GET C{url} directly (no proxy); HTTP error statuses come back as results.  C{https} URLs
+    are verified against the system's CAs, or only C{ca_file}'s when given.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
     try:
         with opener.open(url, timeout=timeout) as response:
             return HttpResult(response.status, response.read())
@@ -291,6 +298,9 @@ def _http_failure(reason: object) -> HttpResult:
         return HttpResult(None, kind="refused", error="connection refused")
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return HttpResult(None, kind="timeout", error="timed out")
+    if isinstance(reason, ssl.SSLError):
+        text = getattr(reason, "verify_message", None) or reason.reason or str(reason)
+        return HttpResult(None, kind="tls", error=f"TLS handshake failed ({text})")
     if isinstance(reason, socket.gaierror):
         return HttpResult(None, kind="dns", error=f"cannot resolve host ({reason.strerror})")
     text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
@@ -476,6 +486,7 @@ class CheckOptions:
     ldap_base: str | None = None
     timeout: float = 5.0
     hold: float = HOLD_SECONDS
+    ca_file: str | None = None
 
     @property
     def listener(self) -> str:
@@ -541,7 +552,7 @@ def hub_base_url(text: str) -> str:
 
 
 def make_options(hub: str, listener: str, connector: str, ldap_base: str | None = None,
-                 timeout: float = 5.0) -> CheckOptions:
+                 timeout: float = 5.0, ca_file: str | None = None) -> CheckOptions:
     """Validate the command line's values into L{CheckOptions}; L{UsageError} if unusable."""
     try:
         host, port = parse_target(listener)
@@ -551,8 +562,13 @@ def make_options(hub: str, listener: str, connector: str, ldap_base: str | None 
         raise UsageError("--timeout must be positive")
     if ldap_base is not None:
         require_ldap3()
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"--ca-file: cannot use {ca_file}: {e}") from None
     return CheckOptions(hub_base_url(hub), host, port, connector, ldap_base, timeout,
-                        min(HOLD_SECONDS, timeout))
+                        min(HOLD_SECONDS, timeout), ca_file)
 
 
 def run_check(options: CheckOptions, on_step: Callable[[Step], object] = lambda s: None,
@@ -572,7 +588,7 @@ def run_check(options: CheckOptions, on_step: Callable[[Step], object] = lambda 
     # 1. /healthz
     t0 = clock()
     url = f"{o.hub}/healthz"
-    got = http_get(url, o.timeout)
+    got = http_get(url, o.timeout, o.ca_file)
     health = _health_step(url, got, o)
     done(attrs.evolve(health, seconds=clock() - t0))
     agent_title = f"agent for connector {o.connector!r}"
@@ -599,14 +615,14 @@ def run_check(options: CheckOptions, on_step: Callable[[Step], object] = lambda 
         probe = ldap_probe(o.listener_host, o.listener_port, o.ldap_base, o.timeout)
     else:
         probe = tcp_probe(o.listener_host, o.listener_port, o.timeout, o.hold)
-    after_got = http_get(f"{o.hub}/metrics", o.timeout)
+    after_got = http_get(f"{o.hub}/metrics", o.timeout, o.ca_file)
     after = _scrape(after_got)
     if after is not None and not probe.ok:
-        # A refusal after the client saw the socket close can still be on its way to the
-        # counters only within the same hub reactor turn; one short retry covers a slow hub.
+        # The hub counts a refusal before it closes the client's socket, so this scrape
+        # normally shows it; one short retry covers a busy hub that has not got there yet.
         if not failure_deltas(before, after, o.connector):
             time.sleep(0.2)
-            after = _scrape(http_get(f"{o.hub}/metrics", o.timeout)) or after
+            after = _scrape(http_get(f"{o.hub}/metrics", o.timeout, o.ca_file)) or after
     done(attrs.evolve(_trip_step(o, trip_title, probe, before, after), seconds=clock() - t0))
 
     # 4. counter deltas
@@ -634,6 +650,12 @@ def _health_step(url: str, got: HttpResult, o: CheckOptions) -> Step:
         if got.kind == "timeout":
             d = Diagnosis(f"no answer from {o.hub} within {o.timeout:g} s: a firewall drops "
                           "the packets, or --hub names the wrong host", d.look_for)
+        elif got.kind == "tls":
+            d = Diagnosis(
+                "the hub's web port speaks TLS with a certificate this host does not trust "
+                "(pass its CA with --ca-file), or plain HTTP was expected (use http://); a hub "
+                "with client_ca (mutual TLS) also wants a client certificate, which check does "
+                "not send", "tls_cert / client_ca in hub.yaml")
         elif got.kind == "dns":
             d = Diagnosis(f"--hub host does not resolve ({got.error})", d.look_for)
         return Step(1, "healthz", title, FAIL, f"{url}: {got.error}", d.cause, d.look_for)
@@ -653,7 +675,7 @@ def _scrape(got: HttpResult) -> Scrape | None:
 
 def _agent_step(o: CheckOptions, title: str) -> tuple[Scrape | None, Step]:
     url = f"{o.hub}/metrics"
-    got = http_get(url, o.timeout)
+    got = http_get(url, o.timeout, o.ca_file)
     if got.status == 403:
         return None, Step(2, "agent", title, FAIL, f"{url} answered 403 forbidden",
                           "this host is outside the hub's metrics_allow_cidrs",

@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="round trip as an anonymous LDAP bind + base search of DN")
     check.add_argument("--timeout", type=_seconds, default=5.0, metavar="S",
                        help="per network operation (default: 5)")
+    check.add_argument("--ca-file", metavar="PATH",
+                       help="for an https:// hub: trust this CA bundle (default: the system's)")
     check.add_argument("--json", action="store_true",
                        help="print one JSON object with every step instead of text lines")
     return parser
@@ -137,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = make_options(args.hub, args.listener, args.connector, args.ldap_base,
-                               args.timeout)
+                               args.timeout, args.ca_file)
     except UsageError as e:
         sys.stderr.write(f"nowconnect check: error: {e}\n")
         return 2

@@ -422,10 +422,36 @@ async def run_self_check(stack: DemoStack, say: Callable[[str], object],
     try:
         return await d
     except Exception as e:
-        reason = (f"no result within {timeout:g} s" if isinstance(e, defer.TimeoutError)
-                  else str(e) or type(e).__name__)
+        if isinstance(e, defer.TimeoutError):
+            reason = f"no result within {timeout:g} s"
+        elif isinstance(e, defer.CancelledError):
+            reason = "interrupted"
+        else:
+            reason = str(e) or type(e).__name__
         say(f"FAIL: {reason} (while {stage[0]}; see the log lines on stderr)")
         return False
+
+
+async def _prepare(stack: DemoStack, say: Callable[[str], object]) -> bool:
+    """The self-check, or (when a test aid skips it) waiting for the agent: True if fine."""
+    options = stack.options
+    if options.self_check:
+        return await run_self_check(stack, say)
+    ok = True
+    if not options.no_agent:
+        # Clients (and `nowconnect check`) should find the agent there once we say so.
+        registered = Deferred.fromCoroutine(stack.wait_registered())
+        registered.addTimeout(CHECK_TIMEOUT, stack.reactor)
+        try:
+            took = await registered
+            say(f'agent registered for connector "{CONNECTOR}" after {took:.2f} s')
+        except (defer.TimeoutError, defer.CancelledError) as e:
+            why = "interrupted" if isinstance(e, defer.CancelledError) else (
+                f"the agent did not register within {CHECK_TIMEOUT:g} s")
+            say(f"FAIL: {why} (see the log lines on stderr)")
+            ok = False
+    say("self-check skipped (--no-agent, --target or --allow-cidr): try nowconnect check")
+    return ok
 
 
 async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
@@ -446,26 +472,22 @@ async def _demo(reactor: Any, options: DemoOptions, out: TextIO) -> None:
     via = "(no agent)" if options.no_agent else "agent"
     say(f'  listener  {HOST}:{stack.listener_port}  (connector "{CONNECTOR}" -> {via} -> '
         f"{target} {host}:{port})")
-    ok = True
-    if options.self_check:
-        ok = await run_self_check(stack, say)
-    else:
-        if not options.no_agent:
-            # Clients (and `nowconnect check`) should find the agent there once we say so.
-            registered = Deferred.fromCoroutine(stack.wait_registered())
-            registered.addTimeout(CHECK_TIMEOUT, reactor)
-            try:
-                took = await registered
-                say(f'agent registered for connector "{CONNECTOR}" after {took:.2f} s')
-            except defer.TimeoutError:
-                say(f"FAIL: the agent did not register within {CHECK_TIMEOUT:g} s (see the log "
-                    "lines on stderr)")
-                ok = False
-        say("self-check skipped (--no-agent, --target or --allow-cidr): try nowconnect check")
-    if options.once:
+    # Ctrl-C (or SIGTERM) before we are serving: cancel what is under way, stop, exit 1.
+    starting = Deferred.fromCoroutine(_prepare(stack, say))
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        interrupted.append(True)
+        starting.cancel()
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupt)
+    ok = await starting
+    if not interrupted:
+        reactor.removeSystemEventTrigger(trigger)
+    if options.once or interrupted:
         await stack.stop()
         say("stopped")
-        raise SystemExit(0 if ok else 1)
+        raise SystemExit(0 if ok and not interrupted else 1)
     say("try it:")
     say(f"  curl -s {stack.web_url}/metrics | grep ^nowconnect_tcp_")
     say(f"  nowconnect check --hub {stack.web_url} --listener {HOST}:{stack.listener_port} "

@@ -44,19 +44,31 @@ DELTA_LINE = re.compile(r"^\s+(nowconnect_tcp_\S+) (\d+) -> (\d+) \(\+(\d+)\)$",
 
 
 def free_port_pair() -> int:
-    """A port N on 127.0.0.1 such that N and N+1 are free right now (racy; callers retry)."""
-    for _ in range(100):
-        with socket.socket() as a:
+    """
+    A port N on 127.0.0.1 such that N and N+1 can be listened on right now (racy; callers
+    retry).  Probes use SO_REUSEADDR as Twisted's listeners do, so ports in TIME_WAIT count
+    as free; candidates stay bound during the search so the kernel offers new ones.
+    """
+    held: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            a = socket.socket()
+            held.append(a)
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             a.bind((HOST, 0))
-            n = a.getsockname()[1]
+            n = int(a.getsockname()[1])
             if n >= 65535:
                 continue
             with socket.socket() as b:
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     b.bind((HOST, n + 1))
                 except OSError:
                     continue
                 return n
+    finally:
+        for sock in held:
+            sock.close()
     raise AssertionError("no free pair of adjacent ports")
 
 
@@ -433,6 +445,49 @@ def test_check_ldap_through_demo(start_demo: Callable[..., DemoProcess], slapd: 
     assert all(d > 0 for d in deltas.values()), out
 
 
+def test_check_https_hub_needs_its_ca(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An https:// hub whose certificate comes from a private CA fails step 1 with the
+    --ca-file hint; with C{--ca-file} step 1 passes (this stand-in is no hub: step 2 fails)."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pki import make_ca
+
+    leaf = make_ca(tmp_path).issue("hub", dns=["localhost"], ips=[HOST])
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/healthz"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}' if ok else b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer((HOST, 0), Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(leaf.cert), str(leaf.key))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hub = f"https://{HOST}:{server.server_address[1]}"
+    try:
+        code, out, _ = run_check(capsys, "--hub", hub, "--listener", f"{HOST}:1",
+                                 "--connector", "x", "--timeout", "5")
+        assert code == 1
+        assert "TLS handshake failed" in step_lines(out)[1] and "--ca-file" in step_lines(out)[1]
+        code, out, _ = run_check(capsys, "--hub", hub, "--listener", f"{HOST}:1",
+                                 "--connector", "x", "--ca-file", str(leaf.ca_cert))
+        lines = step_lines(out)
+        assert lines[1].startswith("[1/4] PASS") and "HTTP 404" in lines[2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 # -- pure pieces of nowconnect.check ----------------------------------------------------------
 
 
@@ -621,6 +676,23 @@ class SelfCheckTests(TestCase):
             self.assertFalse(ok)
             self.assertEqual(said, ["FAIL: no result within 0.5 s (while waiting for the agent "
                                     "to register; see the log lines on stderr)"])
+        return ensureDeferred(go())
+
+    def test_interrupt_fails_the_self_check(self) -> Any:
+        """Cancelling the self-check (what Ctrl-C does before the demo serves) ends it with
+        a FAIL line naming the interruption and the stage, not an unhandled error."""
+        async def go() -> None:
+            from twisted.internet import reactor
+            from twisted.internet.defer import Deferred
+
+            stack = self._stack(DemoOptions(no_agent=True))
+            await stack.start()
+            said: list[str] = []
+            check = Deferred.fromCoroutine(run_self_check(stack, said.append, 20))
+            reactor.callLater(0.2, check.cancel)
+            self.assertFalse(await check)
+            self.assertEqual(said, ["FAIL: interrupted (while waiting for the agent to "
+                                    "register; see the log lines on stderr)"])
         return ensureDeferred(go())
 
     def test_fails_with_reason_when_the_ping_pong_breaks(self) -> Any:

@@ -242,16 +242,11 @@ def test_signature_bad_token(tmp_path: Path, slapd: Slapd) -> None:
         assert d.agent_events("tunnel_failed")[0].get("reason")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when the hub refuses the agent's TCP connection (hub down, wrong port) the agent "
-    "logs only 'connecting to cloud' and Twisted's 'Scheduling retry N', never tunnel_failed "
-    "with a reason: AgentService logs tunnel_failed from prepareConnection, which ClientService "
-    "calls only after a connection was made, and _AnnouncingEndpoint.connect() adds no errback. "
-    "docs/logging.md promises tunnel_failed for 'refused'."))
 def test_signature_hub_refuses_agent(tmp_path: Path, slapd: Slapd) -> None:
     """With the hub down, the agent retries ("connecting to cloud" again and again) and says
     why each attempt failed: a tunnel_failed event whose reason names the refused
-    connection, so an operator reading the agent log knows the hub is not reachable."""
+    connection, so an operator reading the agent log knows the hub is not reachable.
+    (Regression: refused connections used to log no reason at all.)"""
     with Deployment(tmp_path, {"addomain": (slapd.host, slapd.port)}) as d:
         d.start_hub()
         d.stop_hub()
