@@ -508,7 +508,8 @@ class Deployment:
         return self._agent.text()
 
     def logs_tail(self, n: int = 25) -> str:
-        return f"--- hub log tail ---\n{self._hub.tail(n)}\n--- agent log tail ---\n{self._agent.tail(n)}"
+        return (f"--- hub log tail ---\n{self._hub.tail(n)}\n"
+                f"--- agent log tail ---\n{self._agent.tail(n)}")
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll C{predicate} until true; after C{timeout} s raise C{AssertionError(what)}."""

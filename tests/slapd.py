@@ -314,10 +314,12 @@ class Slapd:
 
     def _slapadd(self, db: str, ldif: Path) -> None:
         # -q: no consistency checks, much faster for bulk loads (fine for generated data).
-        cmd = [str(SBIN / "slapadd"), "-q", db, "-F", str(self.directory / "slapd.d"), "-l", str(ldif)]
+        cmd = [str(SBIN / "slapadd"), "-q", db, "-F", str(self.directory / "slapd.d"),
+               "-l", str(ldif)]
         res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if res.returncode != 0:
-            raise SlapdError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout.decode(errors='replace')}")
+            output = res.stdout.decode(errors="replace")
+            raise SlapdError(f"{' '.join(cmd)} exited {res.returncode}:\n{output}")
 
     def _launch(self, port: int, ldaps_port: int | None) -> bool:
         """Start slapd on the given ports; True once ready, False on a port clash."""

@@ -16,7 +16,6 @@ import sys
 import tempfile
 from typing import Any
 
-import pytest
 import yaml
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet.error import ConnectionRefusedError

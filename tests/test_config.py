@@ -775,7 +775,10 @@ def test_values_are_frozen() -> None:
 
 
 def test_hub_tls_rules(tmp_path: Path) -> None:
-    """tls_cert/tls_key go together, not with an ssl: listen; client_ca and cert_identity need them."""
+    """
+    tls_cert/tls_key go together and not with an ssl: listen; client_ca and cert_identity
+    need them.
+    """
     pem = tmp_path / "x.pem"
     pem.write_text("x")
     p = str(pem)

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import wsclient
 from harness import HOST, Deployment, EchoServer, deterministic_chunks, read_until_closed
-from pki import CA, make_ca
-
 from nowconnect import wire
+from pki import CA, make_ca
 
 ACTIVE = "nowconnect_tcp_active_connections"
 AGENTS = "nowconnect_agents_connected"

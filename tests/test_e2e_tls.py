@@ -52,7 +52,8 @@ def test_wss_with_verified_hub(tmp_path: Path) -> None:
             ctx = ssl.create_default_context(cafile=str(ca_cert))
             with socket.create_connection((HOST, dep.web_port), timeout=5) as raw:
                 with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Connection: close\r\n\r\n")
                     reply = b""
                     while chunk := s.recv(4096):
                         reply += chunk

@@ -121,7 +121,9 @@ def wait_idle(d: Deployment, connector: str, timeout: float = 10) -> None:
                f"no active {connector} connection on the hub")
 
 
-def send_all_then_eof(sock: socket.socket, chunks: Iterator[bytes], errors: list[BaseException]) -> None:
+def send_all_then_eof(
+    sock: socket.socket, chunks: Iterator[bytes], errors: list[BaseException]
+) -> None:
     try:
         for chunk in chunks:
             sock.sendall(chunk)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-import pytest
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from automat import NoTransition
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import (
     ConnectionAborted,

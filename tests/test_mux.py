@@ -13,7 +13,6 @@ import random
 from typing import Any
 
 import attrs
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from ldap3 import ALL, Connection, MODIFY_ADD, MODIFY_DELETE, Server, Tls
+from ldap3 import ALL, MODIFY_ADD, MODIFY_DELETE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPSocketOpenError, LDAPStartTLSError
 
 import pki
@@ -52,7 +52,8 @@ def test_anonymous_bind_and_search(slapd: Slapd) -> None:
     stays hidden from it."""
     with connect(Server(slapd.url, get_info=ALL), auto_bind=True) as conn:
         assert conn.server.info.naming_contexts == [B]
-        assert conn.search(PEOPLE, "(objectClass=inetOrgPerson)", attributes=["uid", "userPassword"])
+        assert conn.search(PEOPLE, "(objectClass=inetOrgPerson)",
+                           attributes=["uid", "userPassword"])
         assert sorted(e.uid.value for e in conn.entries) == ["alice", "bob", "carol"]
         assert all(not e.userPassword.values for e in conn.entries)
 

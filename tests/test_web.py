@@ -14,7 +14,6 @@ import json
 from typing import Any, Callable
 
 import attrs
-import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock

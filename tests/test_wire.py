@@ -68,7 +68,7 @@ def feed_chunks(decoder: FrameDecoder, chunks: Sequence[bytes]) -> list[Frame]:
 def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
     """Slice C{data} at the given offsets (any order, duplicates allowed; empty chunks kept)."""
     points = [0, *sorted(min(max(c, 0), len(data)) for c in cuts), len(data)]
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 def hello_payload(**overrides: Any) -> bytes:
