@@ -29,6 +29,7 @@ from nowconnect.metrics import Metrics
 from nowconnect.mux import Acceptor, Mux
 from nowconnect.observer import StreamObserver
 from nowconnect.relay import StreamRelay
+from nowconnect.shutdown import drain
 from nowconnect.tunnel import AgentTunnelFactory, AgentTunnelProtocol
 from nowconnect.web import WebApp
 from nowconnect.wire import ResetCode
@@ -224,12 +225,7 @@ class AgentService(MultiService):
     def stopService(self) -> Any:
         self.running = False
         self._draining = True
-        logs.emit(_log, "info", logs.DRAIN_STARTED, "streams={streams} seconds={seconds}",
-                  streams=self.active_streams(), seconds=self.config.drain_seconds)
-        deadline = self.clock.seconds() + self.config.drain_seconds
-        while self.active_streams() and self.clock.seconds() < deadline:
-            yield _sleep(self.clock, 0.1)
-        left = self.active_streams()
+        left = yield drain(self.clock, self.active_streams, self.config.drain_seconds, _log)
         tunnel = self.tunnel
         if tunnel is not None:
             closed = tunnel.when_closed()
@@ -238,12 +234,6 @@ class AgentService(MultiService):
             yield closed.addErrback(lambda f: None)
         logs.emit(_log, "info", logs.DRAIN_FINISHED, "reset={reset}", reset=left)
         yield MultiService.stopService(self)
-
-
-def _sleep(clock: Any, seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    clock.callLater(seconds, d.callback, None)
-    return d
 
 
 def _is_loopback(host: str) -> bool:

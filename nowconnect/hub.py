@@ -13,7 +13,7 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.websocket.types import ConnectionDeny
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -26,6 +26,7 @@ from nowconnect.endpoints import ListenerService, listen_service, tcp_endpoint_s
 from nowconnect.metrics import Metrics
 from nowconnect.observer import StreamObserver
 from nowconnect.relay import StreamRelay
+from nowconnect.shutdown import drain
 from nowconnect.stream import Phase
 from nowconnect.throttle import AuthThrottle
 from nowconnect.tls import certificate_names, hub_tls_options
@@ -395,13 +396,7 @@ class HubService(MultiService):
     def stopService(self) -> Any:
         self.running = False
         yield DeferredList([svc.stop_accepting() for svc in self.listeners])
-        drain = self.config.drain_seconds
-        logs.emit(_log, "info", logs.DRAIN_STARTED, "streams={streams} seconds={seconds}",
-                  streams=self.active_streams(), seconds=drain)
-        deadline = self.clock.seconds() + drain
-        while self.active_streams() and self.clock.seconds() < deadline:
-            yield _sleep(self.clock, 0.1)
-        left = self.active_streams()
+        left = yield drain(self.clock, self.active_streams, self.config.drain_seconds, _log)
         for tunnel in self.registry.all_tunnels():
             try:
                 if tunnel.mux is not None:
@@ -414,12 +409,6 @@ class HubService(MultiService):
                              event=logs.TUNNEL_ERROR)
         logs.emit(_log, "info", logs.DRAIN_FINISHED, "reset={reset}", reset=left)
         yield MultiService.stopService(self)
-
-
-def _sleep(clock: Any, seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    clock.callLater(seconds, d.callback, None)
-    return d
 
 
 def make_hub_service(

@@ -8,9 +8,13 @@ shutdown, so the exit status would read as "killed by SIGTERM".)
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, Callable, Generator
 
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+from nowconnect import logs
 
 _log = Logger()
 
@@ -26,3 +30,19 @@ def stop_cleanly_on_sigterm(reactor: Any) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)
 
     reactor.callWhenRunning(install)
+
+
+@inlineCallbacks
+def drain(
+    clock: Any, active: Callable[[], int], seconds: float, log: Logger
+) -> Generator[Deferred[Any], Any, int]:
+    """
+    Wait until C{active()} is 0 or C{seconds} pass (C{drain_started} logged); return how many
+    streams are still open, for the caller to reset.
+    """
+    logs.emit(log, "info", logs.DRAIN_STARTED, "streams={streams} seconds={seconds}",
+              streams=active(), seconds=seconds)
+    deadline = clock.seconds() + seconds
+    while active() and clock.seconds() < deadline:
+        yield deferLater(clock, 0.1, lambda: None)
+    return active()

@@ -121,6 +121,77 @@ class _TunnelMixin:
         for message in self.mux.take_output():
             self.sendMessage(message, isBinary=True)
 
+    # Receiving.  Autobahn's frame hooks, not onMessage: DATA frames are decoded as the bytes
+    # arrive, with no join of the whole message and no Deferred per message.  Only the first
+    # message (HELLO or WELCOME, small) is collected whole.
+
+    _binary = True
+    _decoder: wire.FrameDecoder | None = None
+    _handshake_chunks: list[bytes]
+    _handshake_size = 0
+    failedByMe: bool
+
+    def _awaiting_handshake(self) -> bool:
+        raise NotImplementedError
+
+    def _handshake(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _log_protocol_error(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        # Autobahn's bookkeeping (message size limits) runs in its own onMessageBegin.
+        super().onMessageBegin(isBinary)  # type: ignore[misc]
+        self._binary = isBinary
+        self._handshake_chunks = []
+        self._handshake_size = 0
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.failedByMe or self._closing_reason:
+            return
+        self._guarded(self._frame_data, payload)
+
+    def _frame_data(self, payload: bytes) -> None:
+        if not self._binary:
+            raise wire.ProtocolError("text message on the tunnel")
+        mux = self.mux
+        if mux is not None and self._decoder is not None:
+            mux.receive(self._decoder.feed(payload))
+        elif self._awaiting_handshake():
+            self._handshake_size += len(payload)
+            if self._handshake_size > wire.HEADER_SIZE + wire.MAX_CONTROL_PAYLOAD:
+                raise wire.ProtocolError("handshake message too long")
+            self._handshake_chunks.append(payload)
+
+    def onMessageEnd(self) -> None:
+        if self.failedByMe or self._closing_reason:
+            return
+        self._guarded(self._message_end, b"")
+
+    def _message_end(self, _: bytes) -> None:
+        if not self._binary:
+            raise wire.ProtocolError("text message on the tunnel")
+        if self.mux is not None and self._decoder is not None:
+            if self._decoder.pending():
+                raise wire.ProtocolError("message ends in the middle of a frame")
+        elif self._awaiting_handshake():
+            chunks, self._handshake_chunks = self._handshake_chunks, []
+            self._handshake(b"".join(chunks))
+            if self.mux is not None:
+                self._decoder = wire.FrameDecoder(self.mux.max_frame)
+
+    def _guarded(self, step: Callable[[bytes], None], payload: bytes) -> None:
+        """Run one receive step; a protocol error or a bug closes this tunnel only."""
+        try:
+            step(payload)
+        except wire.ProtocolError as e:
+            self._log_protocol_error(str(e))
+            self._fail(CLOSE_PROTOCOL_ERROR, str(e))
+        except Exception:
+            self._log.failure("tunnel_error while receiving", event=logs.TUNNEL_ERROR)
+            self._fail(CLOSE_INTERNAL, "internal error")
+
     def _register_link_producer(self) -> None:
         transport = self.transport
         if ITCPTransport.providedBy(transport):
@@ -231,25 +302,18 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
                                           "handshake_timeout")
         self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no HELLO in time")
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        try:
-            if not isBinary:
-                raise wire.ProtocolError("text message on the tunnel")
-            if self.mux is not None:
-                self.mux.receive(wire.decode_message(payload, self.mux.max_frame))
-            elif self.hello is None and not self._closing_reason:
-                self._on_hello(payload)
-        except wire.ProtocolError as e:
-            logs.emit(
-                self._log, "warn", logs.TUNNEL_PROTOCOL_ERROR,
-                "agent={agent} peer={peer} reason={reason}",
-                agent=self.hello.agent_id if self.hello else "", peer=self.peer_text,
-                reason=str(e),
-            )
-            self._fail(CLOSE_PROTOCOL_ERROR, str(e))
-        except Exception:
-            self._log.failure("tunnel_error in onMessage", event=logs.TUNNEL_ERROR)
-            self._fail(CLOSE_INTERNAL, "internal error")
+    def _awaiting_handshake(self) -> bool:
+        return self.hello is None
+
+    def _handshake(self, payload: bytes) -> None:
+        self._on_hello(payload)
+
+    def _log_protocol_error(self, reason: str) -> None:
+        logs.emit(
+            self._log, "warn", logs.TUNNEL_PROTOCOL_ERROR,
+            "agent={agent} peer={peer} reason={reason}",
+            agent=self.hello.agent_id if self.hello else "", peer=self.peer_text, reason=reason,
+        )
 
     def _on_hello(self, payload: bytes) -> None:
         host = self.factory.host
@@ -360,21 +424,15 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
         self._welcome_timer = None
         self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no WELCOME in time")
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        try:
-            if not isBinary:
-                raise wire.ProtocolError("text message on the tunnel")
-            if self.mux is not None:
-                self.mux.receive(wire.decode_message(payload, self.mux.max_frame))
-            elif not self._is_ready and not self._closing_reason:
-                self._on_welcome(payload)
-        except wire.ProtocolError as e:
-            logs.emit(self._log, "warn", logs.TUNNEL_PROTOCOL_ERROR, "hub={hub} reason={reason}",
-                      hub=self.factory.url, reason=str(e))
-            self._fail(CLOSE_PROTOCOL_ERROR, str(e))
-        except Exception:
-            self._log.failure("tunnel_error in onMessage", event=logs.TUNNEL_ERROR)
-            self._fail(CLOSE_INTERNAL, "internal error")
+    def _awaiting_handshake(self) -> bool:
+        return not self._is_ready
+
+    def _handshake(self, payload: bytes) -> None:
+        self._on_welcome(payload)
+
+    def _log_protocol_error(self, reason: str) -> None:
+        logs.emit(self._log, "warn", logs.TUNNEL_PROTOCOL_ERROR, "hub={hub} reason={reason}",
+                  hub=self.factory.url, reason=reason)
 
     def _on_welcome(self, payload: bytes) -> None:
         frames = wire.decode_message(payload, wire.MAX_CONTROL_PAYLOAD)
