@@ -212,11 +212,48 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
-def machine_busy() -> float:
-    """CPU seconds all CPUs spent busy since boot (/proc/stat: everything but idle and iowait)."""
+def machine_times() -> dict[str, float]:
+    """
+    CPU seconds since boot, all CPUs (/proc/stat): C{busy} is task time (user, nice, system),
+    C{softirq} interrupt time (on loopback, most of it is the TCP stack moving our bytes),
+    C{steal} time the hypervisor gave to others.
+    """
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return {"busy": (user + nice + system) / CLK_TCK, "softirq": (irq + softirq) / CLK_TCK,
+            "steal": steal / CLK_TCK}
+
+
+def machine_busy() -> float:
+    t = machine_times()
+    return t["busy"] + t["softirq"]
+
+
+def _ksoftirqd_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith("ksoftirqd/"):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+KSOFTIRQD = _ksoftirqd_pids() if sys.platform == "linux" else []
+
+
+def _ksoftirqd_cpu() -> float:
+    total = 0.0
+    for pid in KSOFTIRQD:
+        try:
+            total += sum(cpu_seconds(pid))
+        except OSError:
+            pass
+    return total
 
 
 def wait_quiet(limit: float, threshold: float = 0.15, window: float = 0.5) -> float:
@@ -250,7 +287,8 @@ class Meter:
         self.hwm_reset = all(reset_peak_rss(pid) for pid in self.procs.values())
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.procs.items()}
         self.client0 = self_cpu()
-        self.machine0 = machine_busy()
+        self.machine0 = machine_times()
+        self.ksoftirqd0 = _ksoftirqd_cpu()
         self.t0 = time.monotonic()
         return self
 
@@ -270,11 +308,21 @@ class Meter:
                 "rss_kib": status_kib(pid, "VmRSS"),
             }
         out["client"] = {"cpu_s": round(self_cpu() - self.client0, 3)}
-        # Whatever else ran on the machine meanwhile (other users, kernel threads).
+        elapsed = time.monotonic() - self.t0
         ours = sum(v["cpu_s"] for v in out.values())
-        foreign = max(0.0, machine_busy() - self.machine0 - ours)
-        out["foreign"] = {"cpu_s": round(foreign, 3),
-                          "pct_of_core": round(100 * foreign / (time.monotonic() - self.t0), 1)}
+        now = machine_times()
+        delta = {k: now[k] - self.machine0[k] for k in now}
+        ksoftirqd = _ksoftirqd_cpu() - self.ksoftirqd0
+
+        def share(seconds: float) -> dict[str, float]:
+            seconds = max(0.0, seconds)
+            return {"cpu_s": round(seconds, 3), "pct_of_core": round(100 * seconds / elapsed, 1)}
+
+        # The kernel's network work (softirq, in interrupt context or in ksoftirqd) is largely
+        # our traffic on loopback; whatever else was busy is other users' work.
+        out["softirq"] = share(delta["softirq"] + ksoftirqd)
+        out["foreign"] = share(delta["busy"] - ours - ksoftirqd)
+        out["steal"] = share(delta["steal"])
         out["peak_rss_is_per_phase"] = self.hwm_reset
         return out
 
@@ -854,11 +902,22 @@ def machine_info() -> dict[str, Any]:
     commit = ""
     try:
         here = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+        git = ["git", "--no-optional-locks", "-C", str(here)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=5).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "nowconnect", "twisted"],
+                                 capture_output=True, text=True, timeout=5).stdout.strip()
+        if commit and changed:
+            commit += " (nowconnect/ modified)"
     except (OSError, subprocess.SubprocessError):
         pass
+    try:
+        import nowconnect
+        source = os.path.dirname(os.path.dirname(os.path.abspath(nowconnect.__file__)))
+    except ImportError:
+        source = ""
     return {
+        "nowconnect_source": source,
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -1033,6 +1092,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "command": " ".join(["python", *sys.argv]),
+        "note": args.note,
         "machine": machine_info(),
         "plan": p,
         "order": order,
@@ -1131,8 +1191,9 @@ def render(out: dict[str, Any]) -> str:
     lines += ["", "Tunnel cost (hub and agent processes, user+sys from /proc/PID/stat; "
               "% = share of one core during the measurement; peak RSS over the measurement):", "",
               "| Measurement | Unit | Hub CPU | Agent CPU | Hub % core | Agent % core "
-              "| Client+target % core | Other load % core | Hub peak RSS | Agent peak RSS |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| Client+target % core | Kernel softirq % core | Other load % core "
+              "| Hub peak RSS | Agent peak RSS |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, unit, label in COST_ROWS:
         if name not in res:
             continue
@@ -1143,21 +1204,28 @@ def render(out: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {UNIT_LABEL[unit]} | {hub['cpu_per_unit'][unit]} "
             f"| {agent['cpu_per_unit'][unit]} | {hub['cpu_pct_of_core']} "
-            f"| {agent['cpu_pct_of_core']} | {other:.0f} | {foreign:.0f} "
+            f"| {agent['cpu_pct_of_core']} | {other:.0f} "
+            f"| {t['procs']['softirq']['pct_of_core']:.0f} | {foreign:.0f} "
             f"| {hub['peak_rss_kib'] / 1024:.1f} MiB | {agent['peak_rss_kib'] / 1024:.1f} MiB |")
     m = out["machine"]
     foreign = [(r["tunnel"]["procs"]["foreign"]["pct_of_core"], name) for name, r in res.items()]
     if foreign and max(foreign)[0] >= 10:
         lines += ["", f"WARNING: other processes used up to {max(foreign)[0]:.0f}% of a core "
                   f"during a tunnel run ({max(foreign)[1]}): figures are skewed."]
+    steal = [(r["tunnel"]["procs"]["steal"]["pct_of_core"], name) for name, r in res.items()]
+    if steal and max(steal)[0] >= 10:
+        lines += ["", f"WARNING: the hypervisor stole up to {max(steal)[0]:.0f}% of a core "
+                  f"during a tunnel run ({max(steal)[1]}): figures are skewed."]
     c = out["contention"]
     if c["runs_retried"] or c["seconds_lost"] > 1:
         lines += ["", f"Other load on the machine: {c['runs_retried']} run(s) done again, "
                   f"{c['seconds_lost']} s lost waiting or repeating."]
     lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
               f"Python {m['python']}, Twisted {m['twisted']}, Autobahn {m['autobahn']}, "
-              f"nowconnect {m['nowconnect']} @ {m['commit'] or '?'}; wall time "
-              f"{out['wall_seconds']} s."]
+              f"nowconnect {m['nowconnect']} @ {m['commit'] or '?'} "
+              f"from {m['nowconnect_source']}; wall time {out['wall_seconds']} s."]
+    if out["note"]:
+        lines.append(f"Note: {out['note']}")
     return "\n".join(lines)
 
 
@@ -1198,6 +1266,8 @@ def main() -> None:
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
     parser.add_argument("--twistd", default=shutil.which("twistd", path=os.path.dirname(
         sys.executable)) or shutil.which("twistd") or "twistd", help="twistd executable")
+    parser.add_argument("--note", default="",
+                        help="free text stored with the results (e.g. which snapshot ran)")
     parser.add_argument("--keep-tmp", action="store_true",
                         help="keep the temp dir with configs and hub/agent logs")
     parser.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)

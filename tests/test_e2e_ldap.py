@@ -25,9 +25,11 @@ from typing import Any
 
 import ldap3  # the "test" extra; missing, this module errors instead of skipping
 import pytest
-from harness import Deployment
 from ldap3 import BASE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
+
+import pki
+from harness import Deployment
 from slapd import ADMIN_DN, ADMIN_PASSWORD, BASE_DN, BULK_ENTRIES, Slapd
 
 #: Every ldap3 socket read gives up after this long, so a stuck stream fails instead of hanging.
@@ -338,7 +340,7 @@ def test_group_membership_result_codes(rw_deployment: Deployment, rw_slapd: Slap
 
 # -- TLS: the tunnel is byte-transparent ---------------------------------------------------------
 
-def _ca_fingerprint(slapd: Slapd) -> str:
+def _slapd_cert_sha256(slapd: Slapd) -> str:
     assert slapd.server_cert is not None
     der = ssl.PEM_cert_to_DER_cert(slapd.server_cert.cert.read_text())
     return hashlib.sha256(der).hexdigest()
@@ -359,7 +361,7 @@ def test_ldaps_end_to_end(deployment: Deployment, slapd: Slapd, tmp_path: Path) 
     try:
         assert isinstance(conn.socket, ssl.SSLSocket)
         assert hashlib.sha256(conn.socket.getpeercert(binary_form=True)).hexdigest() \
-            == _ca_fingerprint(slapd)
+            == _slapd_cert_sha256(slapd)
         assert conn.extend.standard.who_am_i() == f"dn:{ADMIN_DN}"
         assert conn.search(BASE_DN, "(objectClass=*)", BASE)
         assert conn.entries[0].entry_dn == BASE_DN
@@ -376,8 +378,6 @@ def test_ldaps_end_to_end(deployment: Deployment, slapd: Slapd, tmp_path: Path) 
             ctx.wrap_socket(raw, server_hostname="not-slapd.example.org")
 
     # A different CA: verification fails, so the chain really is checked.
-    import pki
-
     other = pki.make_ca(tmp_path / "other-ca")
     bad_tls = Tls(ca_certs_file=str(other.cert), validate=ssl.CERT_REQUIRED,
                   version=ssl.PROTOCOL_TLS_CLIENT)
@@ -399,7 +399,7 @@ def test_starttls_through_plain_connector(deployment: Deployment, slapd: Slapd) 
         assert conn.start_tls(), conn.result
         assert conn.tls_started
         assert hashlib.sha256(conn.socket.getpeercert(binary_form=True)).hexdigest() \
-            == _ca_fingerprint(slapd)
+            == _slapd_cert_sha256(slapd)
         assert conn.bind(), conn.result
         assert conn.extend.standard.who_am_i() == f"dn:{ADMIN_DN}"
         assert conn.search(user_dn("bob"), "(objectClass=*)", BASE, attributes=["mail"])
@@ -416,7 +416,8 @@ class _SearchLoop:
 
     def __init__(self, d: Deployment) -> None:
         self._d = d
-        self.outcomes: list[tuple[float, float, str, str]] = []  # (start, seconds, ok|error, info)
+        #: (start, seconds, "ok" | "error" | "wrong", info) per operation
+        self.outcomes: list[tuple[float, float, str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -448,6 +449,8 @@ class _SearchLoop:
                 if i % 10 == 0:  # mix long-lived connections with fresh ones
                     conn.unbind()
                     conn = None
+            except AssertionError as e:  # a wrong answer: recorded, the test fails on it
+                self.outcomes.append((t0, time.monotonic() - t0, "wrong", str(e)))
             except LDAPException as e:
                 self.outcomes.append((t0, time.monotonic() - t0, "error",
                                       f"{type(e).__name__}: {e}"))
@@ -490,6 +493,7 @@ def test_agent_restart_during_searches(deployment: Deployment, sig: int) -> None
                             "searches succeeding after the restart")
     elapsed = time.monotonic() - started
 
+    assert not [o for o in loop.outcomes if o[2] == "wrong"]
     errors = [o for o in loop.outcomes if o[2] == "error"]
     assert errors, "no operation failed: the agent was never really down"
     for _, seconds, _, info in errors:

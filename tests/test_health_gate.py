@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from harness import Deployment, free_port
 from slapd import ADMIN_DN, ADMIN_PASSWORD, BASE_DN, Slapd, require_slapd
 
