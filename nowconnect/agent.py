@@ -15,7 +15,6 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import error
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -24,7 +23,7 @@ from zope.interface import implementer
 
 from nowconnect import logs
 from nowconnect.config import AgentConfig
-from nowconnect.endpoints import hub_client_endpoint, listen_service
+from nowconnect.endpoints import hub_client_endpoint, listen_service, target_endpoint
 from nowconnect.metrics import Metrics
 from nowconnect.mux import Acceptor, Mux
 from nowconnect.observer import StreamObserver
@@ -114,6 +113,10 @@ class AgentService(MultiService):
         #: connect, so without this a hub that refuses us would be retried at the initial delay
         #: forever instead of backing off.
         self._handshake_failures = 0
+        self._target_endpoints = {
+            t.connector: target_endpoint(reactor, t.host, t.port, config.connect_timeout)
+            for t in config.targets
+        }
         for target in config.targets:
             self.metrics.declare_connector(target.connector)
 
@@ -196,12 +199,10 @@ class AgentService(MultiService):
             if self._draining:
                 mux.reject(stream_id, ResetCode.shutdown, "agent stopping")
                 return
-            target = self.config.target(connector)
-            if target is None:  # the mux checks declared connectors; belt and braces
+            endpoint = self._target_endpoints.get(connector)
+            if endpoint is None:  # the mux checks declared connectors; belt and braces
                 mux.reject(stream_id, ResetCode.unknown_connector, connector)
                 return
-            endpoint = HostnameEndpoint(self.clock, target.host, target.port,
-                                        timeout=self.config.connect_timeout)
             d = endpoint.connect(TargetFactory(mux, stream_id))
             d.addErrback(self._dial_failed, mux, stream_id, connector, client)
 

@@ -247,7 +247,7 @@ COMMON = [
     ("Service", "ReadOnlyPaths", "/etc/nowconnect"),
     ("Install", "WantedBy", "multi-user.target"),
 ]
-TWISTD = "/opt/nowconnect/venv/bin/twistd --nodaemon --pidfile="
+TWISTD = "/opt/nowconnect/venv/bin/twistd --nodaemon --pidfile= --logger nowconnect.logs.observer"
 
 
 def test_hub_unit_directives() -> None:
