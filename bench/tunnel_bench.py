@@ -1264,7 +1264,7 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=10.0, metavar="SECONDS",
                         help="before each run wait up to this long for the machine to be idle "
                         "(default %%(default)s; 0: don't wait). Runs during which other "
-                        "processes used more than %d%% of a core are done again, up to %d times; "
+                        "processes used more than %d%%%% of a core are done again, up to %d times; "
                         "waits and repeats stop after %d s in all"
                         % (CLEAN_PCT, MAX_RETRIES, CONTENTION_BUDGET))
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")

@@ -26,6 +26,10 @@ AGENT = "agent"
 #: Output is cut into messages of about this size; a frame is never split.
 MAX_MESSAGE = 4 * 1024 * 1024
 
+#: Parts shorter than this (headers, control frames, small payloads) are copied together into
+#: one chunk; longer payloads stay separate chunks, so the link can send them without a copy.
+COALESCE_BELOW = 8192
+
 
 class LocalSide(Protocol):
     """The local TCP socket of a stream (client on the hub, target on the agent)."""
@@ -133,6 +137,7 @@ class Mux:
         self._locals: dict[int, LocalSide] = {}
         self._messages: list[list[bytes]] = []
         self._current: list[bytes] = []
+        self._small = bytearray()
         self._current_size = 0
         self._out_size = 0
         self._next_id = 1
@@ -175,12 +180,23 @@ class Mux:
         if not self._out_size:
             self._wake()
         if self._current_size >= MAX_MESSAGE:
+            self._seal_small()
             self._messages.append(self._current)
             self._current, self._current_size = [], 0
-        n = sum(len(p) for p in parts)
-        self._current.extend(parts)
-        self._current_size += n
-        self._out_size += n
+        for part in parts:
+            n = len(part)
+            if n < COALESCE_BELOW:
+                self._small += part
+            else:
+                self._seal_small()
+                self._current.append(part)
+            self._current_size += n
+            self._out_size += n
+
+    def _seal_small(self) -> None:
+        if self._small:
+            self._current.append(bytes(self._small))
+            self._small.clear()
 
     def _emit_frame(self, frame: wire.Frame) -> None:
         self._emit(wire.encode(frame))
@@ -199,10 +215,18 @@ class Mux:
         Everything produced since the last call, as message bodies of about L{MAX_MESSAGE}
         bytes each.
         """
+        return [b"".join(chunks) for chunks in self.take_output_chunks()]
+
+    def take_output_chunks(self) -> list[list[bytes]]:
+        """
+        Like L{take_output}, but each message as the chunks that make it up, so the link can
+        write large payloads without joining them into one buffer first.
+        """
         if not self._out_size:
             return []
-        messages = [b"".join(m) for m in self._messages]
-        messages.append(b"".join(self._current))
+        self._seal_small()
+        messages = self._messages
+        messages.append(self._current)
         self._messages, self._current, self._current_size, self._out_size = [], [], 0, 0
         return messages
 
@@ -321,6 +345,7 @@ class Mux:
         """The tunnel is gone: abort every local socket.  Nothing more is sent."""
         self._closed = True
         self._messages, self._current, self._current_size, self._out_size = [], [], 0, 0
+        self._small.clear()
         for stream in list(self._streams.values()):
             self._end(stream, code.name, abort_local=True)
 

@@ -106,6 +106,10 @@ class _TunnelMixin:
     transport: Any
     sendMessage: Callable[..., None]
     sendClose: Callable[..., None]
+    beginMessage: Callable[..., None]
+    beginMessageFrame: Callable[[int], None]
+    sendMessageFrameData: Callable[..., Any]
+    endMessage: Callable[[], None]
 
     def _clock(self) -> Any:
         raise NotImplementedError
@@ -118,8 +122,17 @@ class _TunnelMixin:
         self._flush_call = None
         if self.mux is None:
             return
-        for message in self.mux.take_output():
-            self.sendMessage(message, isBinary=True)
+        for chunks in self.mux.take_output_chunks():
+            if len(chunks) == 1:
+                self.sendMessage(chunks[0], isBinary=True)
+                continue
+            # Autobahn's streaming API writes each chunk as it is (masked on the agent): large
+            # payloads reach the transport without being joined into one message first.
+            self.beginMessage(isBinary=True)
+            self.beginMessageFrame(sum(len(c) for c in chunks))
+            for chunk in chunks:
+                self.sendMessageFrameData(chunk)
+            self.endMessage()
 
     # Receiving.  Autobahn's frame hooks, not onMessage: DATA frames are decoded as the bytes
     # arrive, with no join of the whole message and no Deferred per message.  Only the first

@@ -313,26 +313,52 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[Frame]:
-        if self._buffer:
-            self._buffer += data
-            view: bytes = bytes(self._buffer)
-            self._buffer.clear()
-        else:
-            view = data
+        """
+        Decode what C{data} completes.  Whole frames inside C{data} are sliced out of it
+        directly; only a frame that spans two feeds is assembled in the buffer, and then only
+        its own bytes are copied there (not the rest of the next feed).
+        """
         frames: list[Frame] = []
-        offset = 0
-        end = len(view)
-        while end - offset >= HEADER_SIZE:
-            ftype, stream_id, length = HEADER.unpack_from(view, offset)
+        pos = 0
+        n = len(data)
+        buf = self._buffer
+        if buf:
+            pos = self._complete_pending(data, frames)
+            if buf:
+                return frames
+        while n - pos >= HEADER_SIZE:
+            ftype, stream_id, length = HEADER.unpack_from(data, pos)
             self._check_length(ftype, length)
-            start = offset + HEADER_SIZE
-            if end - start < length:
+            start = pos + HEADER_SIZE
+            end = start + length
+            if end > n:
                 break
-            frames.append(_decode(ftype, stream_id, view[start : start + length]))
-            offset = start + length
-        if offset < end:
-            self._buffer += view[offset:]
+            frames.append(_decode(ftype, stream_id, data[start:end]))
+            pos = end
+        if pos < n:
+            buf += memoryview(data)[pos:]
         return frames
+
+    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int:
+        """Take from C{data} what the buffered partial frame lacks; return how much was taken."""
+        buf = self._buffer
+        pos = 0
+        if len(buf) < HEADER_SIZE:
+            pos = min(HEADER_SIZE - len(buf), len(data))
+            buf += memoryview(data)[:pos]
+            if len(buf) < HEADER_SIZE:
+                return pos
+        ftype, stream_id, length = HEADER.unpack_from(buf)
+        self._check_length(ftype, length)
+        take = min(HEADER_SIZE + length - len(buf), len(data) - pos)
+        buf += memoryview(data)[pos : pos + take]
+        pos += take
+        if len(buf) == HEADER_SIZE + length:
+            with memoryview(buf) as view:
+                payload = bytes(view[HEADER_SIZE:])
+            buf.clear()
+            frames.append(_decode(ftype, stream_id, payload))
+        return pos
 
     def _check_length(self, ftype: int, length: int) -> None:
         if ftype == FrameType.DATA:
