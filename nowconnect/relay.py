@@ -18,6 +18,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from nowconnect.fastwrite import write_through
+
 if TYPE_CHECKING:
     from nowconnect.mux import Mux
 
@@ -48,7 +50,7 @@ class StreamRelay(Protocol):
     # -- mux.LocalSide -------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_through(self.transport, data)
 
     def write_eof(self) -> None:
         # With a paused streaming producer registered, Twisted would resume it instead of

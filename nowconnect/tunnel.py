@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from nowconnect import __version__, logs, wire
+from nowconnect.fastwrite import write_through
 from nowconnect.mux import AGENT, HUB, Acceptor, Mux, MuxObserver
 
 #: WebSocket close codes.  An endpoint may only send 1000 or 3000-4999 (RFC 6455 section 7.4;
@@ -110,6 +111,7 @@ class _TunnelMixin:
     beginMessageFrame: Callable[[int], None]
     sendMessageFrameData: Callable[..., Any]
     endMessage: Callable[[], None]
+    send_queue: Any
 
     def _clock(self) -> Any:
         raise NotImplementedError
@@ -204,6 +206,14 @@ class _TunnelMixin:
         except Exception:
             self._log.failure("tunnel_error while receiving", event=logs.TUNNEL_ERROR)
             self._fail(CLOSE_INTERNAL, "internal error")
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own queue (sync sends, chopping) keeps its path; everything else goes
+        # straight to the socket when nothing is queued (see nowconnect.fastwrite).
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+        else:
+            write_through(self.transport, data)
 
     def _register_link_producer(self) -> None:
         transport = self.transport
