@@ -363,9 +363,10 @@ class HubService(MultiService):
         self.metrics.child(self.metrics.tunnel_connects, auth.id).inc()
         logs.emit(
             _log, "info", logs.AGENT_CONNECTED,
-            "agent_id={agent_id} connectors={connectors} peer={peer} version={version}",
+            "agent_id={agent_id} connectors={connectors} peer={peer} version={version} "
+            "frame_masking={frame_masking}",
             agent_id=auth.id, connectors=list(connectors), peer=tunnel.peer_text,
-            version=hello.version,
+            version=hello.version, frame_masking=tunnel.frame_masking,
         )
 
     def tunnel_closed(self, tunnel: HubTunnelProtocol, reason: str, label: str) -> None:

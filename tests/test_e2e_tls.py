@@ -6,6 +6,7 @@ with service-identity, and sends its token only to a hub that passes both.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -47,7 +48,11 @@ def test_wss_with_verified_hub(tmp_path: Path) -> None:
         with dep:
             dep.start_hub()
             dep.start_agent()
-            assert _round_trip(dep.listener_port["echo"], b"over tls" * 1000) == b"over tls" * 1000
+            # Inside TLS the agent's frames go unmasked, by agreement in the upgrade.
+            [connected] = dep.hub_events("agent_connected")
+            assert connected["frame_masking"] == "off"
+            payload = os.urandom(3 * 1024 * 1024)
+            assert _round_trip(dep.listener_port["echo"], payload) == payload
             # /healthz answers over TLS on the same port, verified with the same CA.
             ctx = ssl.create_default_context(cafile=str(ca_cert))
             with socket.create_connection((HOST, dep.web_port), timeout=5) as raw:
@@ -84,3 +89,13 @@ def test_agent_refuses_unverified_hub(tmp_path: Path, case: str) -> None:
             assert dep.hub_events("agent_rejected") == []
             assert dep.token not in dep.agent_log_text() + dep.hub_log_text()
             assert len(dep.agent_events("connecting_to_cloud")) >= 2
+
+
+def test_plain_ws_keeps_masking(tmp_path: Path) -> None:
+    """Over plain ws:// the agent's frames stay masked (RFC 6455), whatever it would prefer."""
+    with EchoServer("echo") as echo, Deployment(tmp_path, {"echo": (HOST, echo.port)}) as dep:
+        dep.start_hub()
+        dep.start_agent()
+        [connected] = dep.hub_events("agent_connected")
+        assert connected["frame_masking"] == "on"
+        assert _round_trip(dep.listener_port["echo"], b"masked" * 1000) == b"masked" * 1000
