@@ -154,7 +154,14 @@ class AgentService(MultiService):
         if config.metrics_listen:
             web = WebApp(self.metrics, unready=self._unready)
             listen_service(reactor, f"{config.source}: metrics_listen: {config.metrics_listen}",
-                           config.metrics_listen, web.site(reactor)).setServiceParent(self)
+                           config.metrics_listen, web.site(reactor),
+                           self._web_listening).setServiceParent(self)
+
+    def _web_listening(self, port: Any) -> None:
+        addr = port.getHost()
+        logs.emit(_log, "info", logs.WEB_STARTED, "listen={listen} host={host} port={port}",
+                  listen=self.config.metrics_listen, host=getattr(addr, "host", ""),
+                  port=getattr(addr, "port", 0))
 
     def startService(self) -> None:
         for warning in self.config.warnings:

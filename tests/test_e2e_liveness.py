@@ -91,3 +91,50 @@ def test_target_that_never_answers_times_out(tmp_path: Path) -> None:
         finally:
             for s in fillers:
                 s.close()
+
+
+def test_agent_serves_its_own_metrics(tmp_path: Path) -> None:
+    """
+    With metrics_listen the agent serves /healthz, /readyz and /metrics itself, and its counters
+    move exactly as the traffic says, under the same names as the hub's.
+    """
+    import http.client
+
+    payload = os.urandom(100_000)
+    with EchoServer("echo") as echo, Deployment(
+        tmp_path, {"echo": (HOST, echo.port)},
+        agent_extra={"metrics_listen": f"tcp:port=0:interface={HOST}"},
+    ) as dep:
+        dep.start_hub()
+        dep.start_agent()
+        dep.wait_for(lambda: bool(dep.agent_events("web_started")), 10, "agent web_started")
+        port = int(dep.agent_events("web_started")[-1]["port"])
+
+        def get(path: str) -> tuple[int, str]:
+            conn = http.client.HTTPConnection(HOST, port, timeout=5)
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode()
+            finally:
+                conn.close()
+
+        def metric(text: str, line_start: str) -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(line_start))
+
+        assert get("/healthz") == (200, '{"status": "ok"}\n')
+        assert get("/readyz")[0] == 200
+        before = get("/metrics")[1]
+        with socket.create_connection((HOST, dep.listener_port["echo"]), timeout=5) as c:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            data, how = read_until_closed(c, 10)
+        assert (len(data), how) == (len(payload), "eof")
+        dep.wait_for(lambda: bool(dep.agent_events("connection_closed")), 5, "agent closed it")
+        after = get("/metrics")[1]
+        name = 'nowconnect_tcp_connections_total{connector="echo"}'
+        assert metric(after, name) - metric(before, name) == 1
+        for direction in ("c2a", "a2c"):
+            name = f'nowconnect_tcp_bytes_total{{connector="echo",direction="{direction}"}}'
+            assert metric(after, name) - metric(before, name) == len(payload), direction
