@@ -21,6 +21,7 @@ This file is also the target server: C{python harness.py serve MODE [ARG]} (see 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -536,6 +537,19 @@ class Deployment:
 
 # -- targets ---------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def running(workdir: Path, targets: dict[str, tuple[str, int]],
+            **kwargs: Any) -> Iterator[Deployment]:
+    """A L{Deployment} with hub and agent started (agent registered), closed afterwards."""
+    dep = Deployment(workdir, targets, **kwargs)
+    try:
+        dep.start_hub()
+        dep.start_agent()
+        yield dep
+    finally:
+        dep.close()
+
+
 class EchoServer:
     """
     A TCP target on 127.0.0.1 in a subprocess (the test process stays free for clients).
@@ -631,50 +645,40 @@ def _serve(mode: str, arg: int) -> None:
             sys.stdout.flush()
 
     def handle(conn: socket.socket, n: int) -> None:
-        received = sent = 0
-        eof = False
+        # Counts are kept as bytes arrive, so a connection reset midway still reports them.
+        stats = {"received": 0, "sent": 0, "eof": False}
+
+        def read_to_eof(each: Callable[[bytes], object]) -> None:
+            while data := conn.recv(262144):
+                stats["received"] += len(data)
+                each(data)
+            stats["eof"] = True
+
+        def send(data: bytes) -> None:
+            conn.sendall(data)
+            stats["sent"] += len(data)
+
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if mode == "echo":
-                while True:
-                    data = conn.recv(262144)
-                    if not data:
-                        eof = True
-                        break
-                    received += len(data)
-                    conn.sendall(data)
-                    sent += len(data)
+                read_to_eof(send)
                 conn.shutdown(socket.SHUT_WR)
             elif mode == "digest":
                 h = hashlib.sha256()
-                while True:
-                    data = conn.recv(262144)
-                    if not data:
-                        eof = True
-                        break
-                    received += len(data)
-                    h.update(data)
-                reply = f"{h.hexdigest()} {received}\n".encode()
-                conn.sendall(reply)
-                sent = len(reply)
+                read_to_eof(h.update)
+                send(f"{h.hexdigest()} {stats['received']}\n".encode())
             elif mode == "source":
                 for piece in deterministic_chunks(arg):
-                    conn.sendall(piece)
-                    sent += len(piece)
+                    send(piece)
             elif mode == "hold":
-                while True:
-                    data = conn.recv(262144)
-                    if not data:
-                        eof = True
-                        break
-                    received += len(data)
+                read_to_eof(lambda data: None)
             else:
                 raise SystemExit(f"unknown mode {mode}")
         except OSError:
             pass
         finally:
             conn.close()
-            report(conn=n, received=received, sent=sent, eof=eof)
+            report(conn=n, **stats)
 
     while True:
         conn, _ = srv.accept()

@@ -29,7 +29,7 @@ from ldap3 import BASE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
 
 import pki
-from harness import Deployment
+from harness import Deployment, running
 from slapd import ADMIN_DN, ADMIN_PASSWORD, BASE_DN, BULK_ENTRIES, Slapd
 
 #: Every ldap3 socket read gives up after this long, so a stuck stream fails instead of hanging.
@@ -49,16 +49,11 @@ def deployment(slapd: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Hub + agent for the shared (read-only) slapd: C{addomain} -> LDAP/StartTLS port,
     C{addomain-ldaps} -> LDAPS port."""
     assert slapd.ldaps_port is not None
-    d = Deployment(tmp_path_factory.mktemp("e2e-ldap"), {
+    with running(tmp_path_factory.mktemp("e2e-ldap"), {
         "addomain": (slapd.host, slapd.port),
         "addomain-ldaps": (slapd.host, slapd.ldaps_port),
-    })
-    try:
-        d.start_hub()
-        d.start_agent()
+    }) as d:
         yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +71,9 @@ def rw_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
 def rw_deployment(rw_slapd: Slapd, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Deployment]:
     """Hub + agent whose C{addomain} connector reaches the writable slapd."""
-    d = Deployment(tmp_path_factory.mktemp("e2e-ldap-rw"),
-                   {"addomain": (rw_slapd.host, rw_slapd.port)})
-    try:
-        d.start_hub()
-        d.start_agent()
+    with running(tmp_path_factory.mktemp("e2e-ldap-rw"),
+                   {"addomain": (rw_slapd.host, rw_slapd.port)}) as d:
         yield d
-    finally:
-        d.close()
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Deployment, free_port
+from harness import Deployment, free_port, running
 from slapd import ADMIN_DN, ADMIN_PASSWORD, BASE_DN, Slapd, require_slapd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,14 +36,9 @@ DELTA_LINE = re.compile(
 @pytest.fixture(scope="module")
 def deployment(slapd: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Hub + agent with connector C{addomain} -> the shared slapd."""
-    d = Deployment(tmp_path_factory.mktemp("health-gate"),
-                   {"addomain": (slapd.host, slapd.port)})
-    try:
-        d.start_hub()
-        d.start_agent()
+    with running(tmp_path_factory.mktemp("health-gate"),
+                   {"addomain": (slapd.host, slapd.port)}) as d:
         yield d
-    finally:
-        d.close()
 
 
 def gate(*args: str, python: tuple[str, ...] = (sys.executable,)
