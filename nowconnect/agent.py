@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -276,5 +276,3 @@ def make_agent_service(
         tls_options = agent_tls_options(config)
     return AgentService(config, reactor, metrics, tls_options)
 
-
-_unused: Callable[..., Any] | None = None
