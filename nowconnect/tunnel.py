@@ -235,6 +235,17 @@ class _TunnelMixin:
             transport.unregisterProducer()
         transport.registerProducer(_LinkProducer(lambda: self.mux), True)
 
+    _handshake_timer: IDelayedCall | None = None
+
+    def _start_handshake_timer(self, seconds: float, on_timeout: Callable[[], None]) -> None:
+        """The peer must finish HELLO/WELCOME within C{seconds}."""
+        self._handshake_timer = self._clock().callLater(seconds, on_timeout)
+
+    def _stop_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _fail(self, code: int, reason: str) -> None:
         """Close this tunnel; its streams are reset when the close completes."""
         if not self._closing_reason:
@@ -297,7 +308,6 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
     frame_masking = "on"
     hello: wire.Hello | None = None
     peer_text: str = ""
-    _hello_timer: IDelayedCall | None = None
     _registered = False
 
     def _clock(self) -> Any:
@@ -331,13 +341,13 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
         try:
             self._register_link_producer()
             host = self.factory.host
-            self._hello_timer = host.clock.callLater(host.handshake_timeout, self._hello_timeout)
+            self._start_handshake_timer(host.handshake_timeout, self._hello_timeout)
         except Exception:
             self._log.failure("tunnel_error in onOpen", event=logs.TUNNEL_ERROR)
             self._fail(CLOSE_INTERNAL, "internal error")
 
     def _hello_timeout(self) -> None:
-        self._hello_timer = None
+        self._handshake_timer = None
         self.factory.host.tunnel_rejected(self.peer_text, "", "no HELLO in time",
                                           "handshake_timeout")
         self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no HELLO in time")
@@ -361,9 +371,7 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
         if len(frames) != 1 or not isinstance(frames[0], wire.Hello):
             raise wire.ProtocolError("first message must be a single HELLO")
         hello = frames[0]
-        if self._hello_timer is not None and self._hello_timer.active():
-            self._hello_timer.cancel()
-        self._hello_timer = None
+        self._stop_handshake_timer()
         self.hello = hello
         self.mux = Mux(
             HUB,
@@ -391,9 +399,7 @@ class HubTunnelProtocol(_TunnelMixin, WebSocketServerProtocol):  # type: ignore[
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
-            if self._hello_timer is not None and self._hello_timer.active():
-                self._hello_timer.cancel()
-            self._hello_timer = None
+            self._stop_handshake_timer()
             self._drop_mux()
             if self._registered:
                 self._registered = False
@@ -428,7 +434,6 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
     """
 
     factory: AgentTunnelFactory
-    _welcome_timer: IDelayedCall | None = None
 
     def __init__(self) -> None:
         WebSocketClientProtocol.__init__(self)
@@ -458,13 +463,13 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
             f = self.factory
             hello = wire.Hello(f.agent_id, f.connectors, __version__)
             self.sendMessage(wire.encode(hello), isBinary=True)
-            self._welcome_timer = f.clock.callLater(f.handshake_timeout, self._welcome_timeout)
+            self._start_handshake_timer(f.handshake_timeout, self._welcome_timeout)
         except Exception:
             self._log.failure("tunnel_error in onOpen", event=logs.TUNNEL_ERROR)
             self._fail(CLOSE_INTERNAL, "internal error")
 
     def _welcome_timeout(self) -> None:
-        self._welcome_timer = None
+        self._handshake_timer = None
         self._fail(CLOSE_HANDSHAKE_TIMEOUT, "no WELCOME in time")
 
     def _awaiting_handshake(self) -> bool:
@@ -482,9 +487,7 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
         if len(frames) != 1 or not isinstance(frames[0], wire.Welcome):
             raise wire.ProtocolError("first message from the hub must be a single WELCOME")
         welcome = frames[0]
-        if self._welcome_timer is not None and self._welcome_timer.active():
-            self._welcome_timer.cancel()
-        self._welcome_timer = None
+        self._stop_handshake_timer()
         f = self.factory
         self.mux = Mux(
             AGENT,
@@ -503,9 +506,7 @@ class AgentTunnelProtocol(_TunnelMixin, WebSocketClientProtocol):  # type: ignor
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         try:
-            if self._welcome_timer is not None and self._welcome_timer.active():
-                self._welcome_timer.cancel()
-            self._welcome_timer = None
+            self._stop_handshake_timer()
             self._drop_mux()
             why = self._closing_reason or reason or getattr(self, "wasNotCleanReason", "") or ""
             if not self._is_ready:
